@@ -1,0 +1,1 @@
+"""rnx, the joblet command-line client."""

@@ -1,0 +1,1 @@
+"""Actors: who owns what while the daemon runs."""

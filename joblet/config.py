@@ -1,0 +1,137 @@
+"""The daemon's configuration model (no I/O).
+
+The YAML file (``joblet-config.yml``) is parsed into these classes by :mod:`joblet.configfile`;
+the spec's camelCase keys (``defaultCpuLimit``) map to these snake_case attributes. Durations are
+seconds, sizes are bytes unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from joblet.model import Limits
+
+#: System directories bind-mounted read-only into every job's root (those that exist on the host).
+DEFAULT_SYSTEM_DIRS: tuple[str, ...] = (
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/usr",
+    "/etc/alternatives",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+)
+
+
+@attrs.frozen
+class JobletSection:
+    """The spec's ``joblet:`` section: job defaults and caps."""
+
+    default_cpu_limit: int = 100
+    default_memory_limit: int = 512
+    default_io_limit: int = 0
+    default_pids_limit: int = 1024
+    max_concurrent_jobs: int = 100
+    job_timeout: float = 3600.0
+    cleanup_timeout: float = 5.0
+    stop_grace_period: float = 0.1
+
+
+@attrs.frozen
+class GrpcSection:
+    """The spec's ``grpc:`` section."""
+
+    address: str = "0.0.0.0"
+    port: int = 50051
+    max_recv_msg_size: int = 524288
+    max_send_msg_size: int = 4194304
+    keep_alive_time: float = 30.0
+
+
+@attrs.frozen
+class SecuritySection:
+    """Where the daemon's certificates are (relative paths are under the state directory)."""
+
+    ca_cert: str = "certs/ca-cert.pem"
+    server_cert: str = "certs/server-cert.pem"
+    server_key: str = "certs/server-key.pem"
+
+
+@attrs.frozen
+class IsolationSection:
+    """How jobs are isolated.
+
+    Attributes:
+        run_as_uid: The uid jobs run as; 0 (root) only when configured so.
+        run_as_gid: The gid jobs run as.
+        system_dirs: Host directories bind-mounted read-only into the job root.
+        etc_files: Host files under /etc copied read-only into the job root (name resolution etc.).
+        tmp_size_mb: Size of the job's private /tmp (tmpfs, charged to the job's memory limit).
+    """
+
+    run_as_uid: int = 65534
+    run_as_gid: int = 65534
+    system_dirs: tuple[str, ...] = DEFAULT_SYSTEM_DIRS
+    etc_files: tuple[str, ...] = (
+        "/etc/hosts",
+        "/etc/resolv.conf",
+        "/etc/nsswitch.conf",
+        "/etc/localtime",
+        "/etc/ld.so.cache",
+    )
+    tmp_size_mb: int = 64
+
+
+@attrs.frozen
+class CgroupSection:
+    """cgroup driver choice: ``auto`` detects v2 or v1 at start-up."""
+
+    driver: str = "auto"
+    root: str = "/sys/fs/cgroup"
+    parent: str = "joblet"
+
+
+@attrs.frozen
+class LogsSection:
+    """Log buffering.
+
+    Attributes:
+        memory_budget: Bytes of log data held in memory for all jobs before it reaches disk; at
+            the bound the daemon stops reading jobs' pipes (jobs block on write).
+        window_bytes: Bytes of already-persisted log kept in memory per job for live readers.
+        flush_interval: Longest time a log byte waits before it is written to disk.
+        flush_bytes: Batch size that triggers a write before the interval ends.
+    """
+
+    memory_budget: int = 1 << 30
+    window_bytes: int = 1 << 20
+    flush_interval: float = 0.2
+    flush_bytes: int = 4 << 20
+
+
+@attrs.frozen
+class Config:
+    """The whole daemon configuration."""
+
+    state_dir: Path = Path("state")
+    joblet: JobletSection = JobletSection()
+    grpc: GrpcSection = GrpcSection()
+    security: SecuritySection = SecuritySection()
+    isolation: IsolationSection = IsolationSection()
+    cgroup: CgroupSection = CgroupSection()
+    logs: LogsSection = LogsSection()
+
+    def default_limits(self) -> Limits:
+        """Limits a job gets for every value its request leaves unset."""
+        j = self.joblet
+        return Limits(
+            cpu_percent=j.default_cpu_limit,
+            memory_mb=j.default_memory_limit,
+            io_bps=j.default_io_limit,
+            pids_max=j.default_pids_limit,
+        )

@@ -1,0 +1,1 @@
+"""State and log storage (no network)."""

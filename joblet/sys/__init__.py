@@ -1,0 +1,1 @@
+"""Kernel-facing code: cgroups, namespaces, processes."""

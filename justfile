@@ -1,0 +1,53 @@
+# joblet tasks. Every recipe bootstraps .venv itself (see `setup`).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv"
+py := venv / "bin/python"
+
+# Create .venv and install joblet with its dev tools (idempotent; reinstalls when pyproject.toml changes).
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd "{{justfile_directory()}}"
+    if [ ! -x "{{py}}" ]; then
+        base=$(python3 -c 'import sys; print(sys.base_prefix)')/bin/python3
+        [ -x "$base" ] || base=python3
+        "$base" -m venv "{{venv}}"
+    fi
+    stamp="{{venv}}/.installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        "{{py}}" -m pip install -q --upgrade pip
+        "{{py}}" -m pip install -q -e '.[dev]'
+        touch "$stamp"
+    fi
+
+# Start the daemon on the embedded default (state in ./state, port 50051).
+serve *ARGS: setup
+    "{{py}}" -m joblet.main serve {{ARGS}}
+
+# Run the test suite (real processes, real cgroups: run as root).
+test *ARGS: setup
+    "{{py}}" -m pytest {{ARGS}}
+
+# Run the cgroup v2 tests inside a real cgroup v2 kernel (qemu, host root shared read-only).
+test-cgroup2 *ARGS: setup
+    "{{py}}" -m tests.vm.run_v2 {{ARGS}}
+
+# Lint and type-check.
+lint: setup
+    "{{venv}}/bin/ruff" check joblet cli tests benchmarks
+    "{{venv}}/bin/ruff" format --check joblet cli tests benchmarks
+    "{{venv}}/bin/mypy" joblet cli
+
+# Format the code.
+fmt: setup
+    "{{venv}}/bin/ruff" format joblet cli tests benchmarks
+    "{{venv}}/bin/ruff" check --fix joblet cli tests benchmarks
+
+# Benchmarks: figures printed next to baselines measured in the same run.
+bench *ARGS: setup
+    "{{py}}" -m benchmarks.run {{ARGS}}
+
+# Regenerate the protobuf/purerpc code from proto/ (output is committed).
+proto: setup
+    "{{py}}" -m joblet.rpc.gen
