@@ -1,0 +1,284 @@
+"""Stage 1 of a job start: runs as ``python -I -S _stage1.py`` between the daemon and the job.
+
+This file is executed by path with the standard library only (no site-packages, no joblet imports),
+so it stays small and fast. It runs as root in the daemon's namespaces and, in this order:
+
+1. reads the job's launch spec (``marshal`` format: builtin, so nothing to import; the daemon
+   runs the same interpreter) from the status socket (its fd number is ``argv[1]``), which
+   the daemon shuts for writing;
+2. joins the job's cgroup(s) by writing its own PID, then verifies ``/proc/self/cgroup``, so that
+   nothing the job does can escape its limits (the only race-free way on cgroup v1);
+3. unshares the mount, UTS, IPC and cgroup namespaces (and network, when the job asks for none),
+   builds the job root (read-only binds of the system directories, a writable ``/work``, a private
+   ``/tmp``, a minimal ``/dev``), sets the hostname to the job id and sets no_new_privs;
+4. resolves the command inside the job root, builds a clean environment (never the daemon's), closes
+   inherited descriptors and execs util-linux ``unshare`` to create the PID namespace, mount a fresh
+   ``/proc``, chroot and drop to the unprivileged uid/gid; ``unshare`` then execs ``dumb-init`` as
+   PID 1 of the job, which runs the command as its child, forwards signals and reaps zombies.
+
+The status socket is close-on-exec: the daemon sees EOF exactly when the exec succeeded. Any
+failure before that is written to it as one line of text and the process exits with status 127.
+"""
+
+import ctypes
+import marshal
+import os
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+PR_SET_NO_NEW_PRIVS = 38
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SetupError(Exception):
+    """A start step failed; the message goes to the daemon."""
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise SetupError(f"{what}: {os.strerror(err)}")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _bind(source, target, *, readonly, extra=0):
+    _mount(source, target, None, MS_BIND | MS_REC)
+    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | extra
+    if readonly:
+        flags |= MS_RDONLY
+    _mount(None, target, None, flags)
+
+
+def join_cgroups(membership):
+    """Write our PID into each cgroup.procs file, then check /proc/self/cgroup agrees."""
+    pid = str(os.getpid())
+    for procs, _controller, _expected in membership:
+        try:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, pid.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SetupError(f"cgroup join failed: {procs}: {e.strerror}") from None
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    actual = {}
+    for line in lines:
+        _hid, controllers, path = line.split(":", 2)
+        actual[controllers] = path
+        for c in controllers.split(","):
+            actual.setdefault(c, path)
+    for _procs, controller, expected in membership:
+        if actual.get(controller) != expected:
+            raise SetupError(
+                f"cgroup verification failed: {controller or 'unified'} is "
+                f"{actual.get(controller)!r}, expected {expected!r}"
+            )
+
+
+def build_root(spec):
+    """Create the job's root filesystem inside our private mount namespace."""
+    root = spec["root"]
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    _mount("joblet-root", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for src in spec["system_dirs"]:
+        if not os.path.lexists(src):
+            continue
+        dst = root + src
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            os.makedirs(dst, exist_ok=True)
+            _bind(src, dst, readonly=True, extra=MS_NODEV)
+    os.makedirs(root + "/etc", exist_ok=True)
+    for src in spec["etc_files"]:
+        try:
+            with open(src, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        with open(root + src, "wb") as f:
+            f.write(data)
+    uid, gid = spec["uid"], spec["gid"]
+    with open(root + "/etc/passwd", "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+        if uid != 0:
+            f.write(f"job:x:{uid}:{gid}:joblet job:/work:/bin/sh\n")
+    with open(root + "/etc/group", "w") as f:
+        f.write("root:x:0:\n")
+        if gid != 0:
+            f.write(f"job:x:{gid}:\n")
+    with open(root + "/etc/hostname", "w") as f:
+        f.write(spec["hostname"] + "\n")
+    # /work: the job's writable working directory, on the real disk (IO limits apply to it).
+    os.mkdir(root + "/work")
+    _bind(spec["work"], root + "/work", readonly=False, extra=MS_NODEV)
+    os.mkdir(root + "/tmp")
+    _mount(
+        "joblet-tmp",
+        root + "/tmp",
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"mode=1777,size={spec['tmp_size_mb']}m",
+    )
+    dev = root + "/dev"
+    os.mkdir(dev)
+    _mount("joblet-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for node in DEV_NODES:
+        if os.path.exists("/dev/" + node):
+            open(dev + "/" + node, "w").close()
+            _bind("/dev/" + node, dev + "/" + node, readonly=False, extra=MS_NOEXEC)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, dev + "/" + name)
+    os.mkdir(dev + "/shm")
+    _mount("joblet-shm", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=16m")
+    os.mkdir(root + "/proc")
+    # The job's PID 1: dumb-init, bound read-only at a fixed path inside the root.
+    os.mkdir(root + "/.joblet")
+    init = root + "/.joblet/init"
+    open(init, "w").close()
+    _bind(spec["init"], init, readonly=True, extra=MS_NODEV)
+    # Nothing may be created at the top of the job root.
+    _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def resolve_command(root, command, path):
+    """Find the command inside the job root, as the job's PATH lookup would."""
+    if "/" in command:
+        candidates = [command if command.startswith("/") else "/work/" + command]
+    else:
+        candidates = [d.rstrip("/") + "/" + command for d in path.split(":") if d]
+    for cand in candidates:
+        host = root + cand
+        if os.path.isfile(host) and os.access(host, os.X_OK):
+            return cand
+    if "/" in command:
+        raise SetupError(f"command not found or not executable: {command}")
+    raise SetupError(f"command not found: {command}")
+
+
+def main():
+    """Run stage 1; never returns on success (it execs)."""
+    status_fd = int(sys.argv[1])
+    status = os.fdopen(status_fd, "r+b", buffering=0)
+    try:
+        raw = b""
+        while True:
+            part = status.read(65536)
+            if not part:
+                break
+            raw += part
+        spec = marshal.loads(raw)
+        os.set_inheritable(status_fd, False)
+        join_cgroups(spec["membership"])
+        flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
+        if spec["network"] == "none":
+            flags |= CLONE_NEWNET
+        _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+        name = spec["hostname"].encode()
+        _check(_libc.sethostname(name, ctypes.c_size_t(len(name))), "sethostname")
+        if spec["network"] == "none":
+            # A new network namespace has only a down loopback; bring it up so local servers work.
+            _loopback_up()
+        build_root(spec)
+        command = resolve_command(spec["root"], spec["command"], JOB_PATH)
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+        env = {"PATH": JOB_PATH, "HOME": "/work", "LANG": "C.UTF-8", "HOSTNAME": spec["hostname"]}
+        env["JOBLET_JOB_ID"] = spec["job_id"]
+        env.update(spec["env"])
+        argv = [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--root=" + spec["root"],
+            "--wd=/work",
+            "--setgid",
+            str(spec["gid"]),
+            "--setuid",
+            str(spec["uid"]),
+            "--",
+            "/.joblet/init",
+            "--",
+            command,
+            *spec["args"],
+        ]
+        _close_fds_except(status_fd)
+        os.execve(spec["unshare"], argv, env)
+    except SetupError as e:
+        _fail(status, str(e))
+    except Exception as e:  # report anything at all rather than a silent death
+        _fail(status, f"{type(e).__name__}: {e}")
+
+
+def _loopback_up():
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(s, siocgifflags, ifreq))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
+
+
+def _close_fds_except(keep):
+    """Close every inherited descriptor but stdio and ``keep`` (which is close-on-exec)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listdir's own descriptor, already gone
+
+
+def _fail(status, message):
+    try:
+        status.write(message.encode("utf-8", "replace")[:4000])
+    finally:
+        os._exit(127)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(127)

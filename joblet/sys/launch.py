@@ -1,0 +1,202 @@
+"""Starting a job's processes: the daemon side of the two-stage start.
+
+The daemon never unshares or changes its own namespaces. It starts ``_stage1.py`` with the real
+interpreter (``sys.executable -I -S``, never a PATH shim), hands it the launch spec over a socket,
+and learns from the same socket whether everything up to the final exec worked (EOF) or what failed
+(one line of text). See ``_stage1.py`` for what happens on the other side.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import marshal
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from joblet.errors import StartFailed
+
+STAGE1 = str(Path(__file__).with_name("_stage1.py"))
+#: Pipe size for the job's stdout/stderr: larger pipes mean fewer wake-ups per megabyte.
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+#: Longest a stage-1 status report may be; it is one line of text.
+_STATUS_MAX = 65536
+
+
+def find_init() -> str:
+    """Path of the dumb-init binary that becomes every job's PID 1.
+
+    Returns:
+        An absolute path.
+
+    Raises:
+        StartFailed: dumb-init is not installed.
+    """
+    here = Path(sys.executable).parent / "dumb-init"
+    if here.is_file():
+        return str(here)
+    found = shutil.which("dumb-init")
+    if found is None:
+        raise StartFailed("dumb-init not found (pip install dumb-init)")
+    return found
+
+
+def find_unshare() -> str:
+    """Path of util-linux ``unshare``.
+
+    Raises:
+        StartFailed: it is not installed.
+    """
+    for cand in ("/usr/bin/unshare", "/bin/unshare"):
+        if os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("unshare")
+    if found is None:
+        raise StartFailed("util-linux unshare not found (apt-get install util-linux)")
+    return found
+
+
+@attrs.frozen
+class LaunchSpec:
+    """Everything stage 1 needs to start one job.
+
+    Serialised with ``marshal``: stage 1 runs the same interpreter (``sys.executable``) and must not
+    pay for importing ``json`` (which pulls in ``re`` and ``enum``) on every job start.
+    """
+
+    job_id: str
+    command: str
+    args: Sequence[str]
+    env: Mapping[str, str]
+    network: str
+    membership: Sequence[tuple[str, str, str]]
+    root: str
+    work: str
+    uid: int
+    gid: int
+    system_dirs: Sequence[str]
+    etc_files: Sequence[str]
+    tmp_size_mb: int
+    init: str
+    unshare: str
+
+    @property
+    def hostname(self) -> str:
+        """The job's hostname: its id."""
+        return self.job_id
+
+    def encode(self) -> bytes:
+        """The document stage 1 reads (plain dicts, lists, strings and ints)."""
+        d = attrs.asdict(self)
+        d["hostname"] = self.hostname
+        d["args"] = list(self.args)
+        d["env"] = dict(self.env)
+        d["membership"] = [list(m) for m in self.membership]
+        d["system_dirs"] = list(self.system_dirs)
+        d["etc_files"] = list(self.etc_files)
+        return marshal.dumps(d)
+
+
+async def spawn(spec: LaunchSpec) -> trio.Process:
+    """Start a job and return once its command is about to run.
+
+    The returned process is stage 1 turned into the ``unshare`` parent: it lives as long as the
+    job's PID 1 and exits with its status.
+
+    Args:
+        spec: The launch spec.
+
+    Returns:
+        The running process, with ``stdout`` and ``stderr`` pipes.
+
+    Raises:
+        StartFailed: Stage 1 reported a failure (the process has been reaped).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        theirs.set_inheritable(True)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-I", "-S", STAGE1, str(theirs.fileno())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(theirs.fileno(),),
+            env={},
+            close_fds=True,
+        )
+    except OSError as e:
+        ours.close()
+        raise StartFailed(f"cannot start stage 1: {e}") from e
+    finally:
+        theirs.close()
+    for pipe in (proc.stdout, proc.stderr):
+        assert pipe is not None
+        try:
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # capped by /proc/sys/fs/pipe-max-size: the default size still works
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    try:
+        async with stream:
+            await stream.send_all(spec.encode())
+            await stream.send_eof()
+            report = b""
+            while chunk := await stream.receive_some(_STATUS_MAX):
+                report += chunk
+                if len(report) >= _STATUS_MAX:
+                    break
+    except BaseException:
+        await _reap(proc)
+        raise
+    if report:
+        await _reap(proc)
+        raise StartFailed(report.decode("utf-8", "replace").strip())
+    return proc
+
+
+async def _reap(proc: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+
+def init_pid(proc: trio.Process) -> int | None:
+    """Host PID of the job's PID 1 (dumb-init), the ``unshare`` parent's only child.
+
+    Returns:
+        The PID, or None when it has already exited.
+    """
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def send_stop_signal(proc: trio.Process, sig: int = signal.SIGTERM) -> bool:
+    """Ask the job to stop: ``sig`` to its PID 1, which forwards it to the command.
+
+    Returns:
+        Whether the signal was delivered.
+    """
+    pid = init_pid(proc)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True

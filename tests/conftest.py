@@ -1,0 +1,70 @@
+"""Shared fixtures: a real in-process joblet per test, and the leak checks that follow each one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from joblet.config import Config, JobletSection
+from joblet.harness import Harness, open_harness
+
+IN_CI = os.environ.get("CI") == "true"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def require_root() -> None:
+    """Isolation tests need root: a failure in CI, a skip elsewhere."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("joblet's tests need root (namespaces, cgroups); CI must run as root")
+        pytest.skip("needs root")
+
+
+def cgroup_dirs_named(name: str) -> list[Path]:
+    """Every directory called ``name`` directly under a cgroup hierarchy root (v1 and v2)."""
+    found = []
+    candidates = [CGROUP_ROOT] + [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
+    for hierarchy in candidates:
+        if (hierarchy / name).is_dir():
+            found.append(hierarchy / name)
+    return found
+
+
+def processes_in_cgroup_named(name: str) -> list[int]:
+    """PIDs of every process whose cgroup path mentions ``name``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/cgroup").read_text()
+        except OSError:
+            continue
+        if f"/{name}/" in text or text.rstrip().endswith(f"/{name}"):
+            pids.append(int(entry))
+    return pids
+
+
+def make_config(**joblet: object) -> Config:
+    """A config for tests: short timeouts, everything else default."""
+    section = attrs.evolve(JobletSection(cleanup_timeout=5.0), **joblet)
+    return Config(joblet=section)
+
+
+@pytest.fixture
+async def joblet(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """A running in-process joblet; after the test, nothing of it may be left on the host."""
+    require_root()
+    marker = request.node.get_closest_marker("joblet_config")
+    cfg = make_config(**(marker.kwargs if marker else {}))
+    async with open_harness(cfg) as harness:
+        parent = harness.node.config.cgroup.parent
+        state = harness.state_dir
+        yield harness
+    assert processes_in_cgroup_named(parent) == [], "job processes left behind"
+    assert cgroup_dirs_named(parent) == [], "job cgroups left behind"
+    assert not state.exists(), "harness state directory left behind"
