@@ -1,0 +1,132 @@
+"""Who is calling, and what they may do.
+
+Every connection is mutual TLS: the server has verified the client's certificate against the CA
+before a single request arrives (:mod:`joblet.rpc.server`). What is left to decide here is the
+client's role, read from the certificate subject's OU (``OU=admin`` or ``OU=viewer``,
+case-insensitive; with several OUs the first that names a role wins), and whether that role may
+call a method.
+
+The server sets :data:`current_peer` once per connection; every request task of that connection
+inherits it, so :func:`authorize` needs nothing but the method name.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from joblet.certs import ROLES, role_from_cert_subject
+from joblet.errors import PermissionDenied, Unauthenticated
+
+#: Methods of ``joblet.JobService`` a viewer may call (spec 001's role table). An admin may call
+#: every method, including ones added later.
+VIEWER_METHODS: frozenset[str] = frozenset(
+    {
+        "GetJobStatus",
+        "ListJobs",
+        "GetJobLogs",
+        "GetJobMetrics",
+        "GetWorkflowStatus",
+        "ListWorkflows",
+        "GetWorkflowJobs",
+    }
+)
+
+NO_TLS = "no TLS information found"
+
+
+@attrs.frozen
+class Peer:
+    """The client at the other end of one connection.
+
+    Attributes:
+        remote: Its address, ``host:port``.
+        subject: Its certificate's subject (RFC 4514), empty without a certificate.
+        role: ``"admin"`` or ``"viewer"``, or None when the certificate grants no role.
+        problem: Why there is no role (empty when there is one).
+    """
+
+    remote: str
+    subject: str = ""
+    role: str | None = None
+    problem: str = NO_TLS
+
+    @property
+    def name(self) -> str:
+        """The certificate's CN (or its whole subject if it has none), for log lines."""
+        match = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)*)", self.subject)
+        return match.group(1) if match else self.subject or "-"
+
+
+#: The peer of the connection the current request arrived on; None outside of a connection.
+current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar(
+    "joblet_current_peer", default=None
+)
+
+
+def peer_from_certificate(der: bytes | None, remote: str) -> Peer:
+    """Describe a verified client from its certificate.
+
+    Args:
+        der: The certificate the TLS handshake verified (DER), or None if there was none.
+        remote: The client's address.
+    """
+    if der is None:
+        return Peer(remote=remote, problem="no client certificate provided")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:  # cannot happen after OpenSSL verified it, but never crash on it
+        return Peer(remote=remote, problem=f"unreadable client certificate: {exc}")
+    subject = cert.subject.rfc4514_string()
+    role = role_from_cert_subject(cert)
+    if role is not None:
+        return Peer(remote=remote, subject=subject, role=role, problem="")
+    ous = [
+        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    ]
+    found = ", ".join(repr(ou) for ou in ous) if ous else "none"
+    problem = f"no role in client certificate: OU must be {' or '.join(ROLES)} (found: {found})"
+    return Peer(remote=remote, subject=subject, problem=problem)
+
+
+def operation_name(method: str) -> str:
+    """The spec's name of an RPC in messages: ``RunJob`` is ``run_job``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", method).lower()
+
+
+def is_allowed(role: str, method: str) -> bool:
+    """Whether ``role`` may call ``method`` (a ``joblet.JobService`` method name)."""
+    if role == "admin":
+        return True
+    return role == "viewer" and method in VIEWER_METHODS
+
+
+def authorize(method: str, peer: Peer | None = None) -> Peer:
+    """Check that the caller may call ``method``.
+
+    Args:
+        method: The RPC's name, e.g. ``"RunJob"``.
+        peer: The caller; by default the current connection's (:data:`current_peer`).
+
+    Returns:
+        The caller, known to hold a role that allows ``method``.
+
+    Raises:
+        Unauthenticated: The caller has no certificate naming a role.
+        PermissionDenied: Its role does not allow ``method``.
+    """
+    if peer is None:
+        peer = current_peer.get()
+    if peer is None:
+        raise Unauthenticated(f"failed to extract client role: {NO_TLS}")
+    if peer.role is None:
+        raise Unauthenticated(f"failed to extract client role: {peer.problem}")
+    if not is_allowed(peer.role, method):
+        raise PermissionDenied(
+            f"role {peer.role} is not allowed to perform operation {operation_name(method)}"
+        )
+    return peer
