@@ -1,8 +1,8 @@
 """Our own error hierarchy.
 
-Every error a client can see is one of these. They are translated to gRPC status codes in exactly one
-place (:mod:`joblet.rpc.errors`) and to one-line messages and exit codes in exactly one place (the
-``rnx`` CLI). Messages follow the spec's wording.
+Every error a client can see is one of these. They are translated to gRPC status codes in exactly
+one place (:mod:`joblet.rpc.errors`) and to one-line messages and exit codes in exactly one place
+(the ``rnx`` CLI). Messages follow the spec's wording.
 """
 
 from __future__ import annotations

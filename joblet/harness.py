@@ -118,8 +118,6 @@ async def open_harness(config: Config | None = None, **overrides: Any) -> AsyncI
     try:
         async with open_node(cfg, shutdown_grace=5.0) as node:
             yield Harness(node=node, state_dir=state)
-            driver = node.engine.context.driver
-        driver.teardown()
     finally:
         shutil.rmtree(state, ignore_errors=True)
 

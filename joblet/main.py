@@ -178,7 +178,6 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with listener:
             async with open_node(config) as node:
-                driver = node.engine.context.driver
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
                 await node.nursery.start(server.run)
@@ -187,10 +186,6 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                     break
                 # Leaving the node stops every job (gracefully, then by force) and flushes the
                 # logs; the server answers until then, so log streams end with the jobs.
-    try:
-        driver.teardown()
-    except OSError as exc:
-        logfmt.warn("cgroup parent could not be removed", error=str(exc))
 
 
 # --- command line --------------------------------------------------------------------------------

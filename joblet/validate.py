@@ -1,7 +1,7 @@
 """Turning a client's raw request into a :class:`~joblet.model.JobSpec`, or a clear error.
 
-Lives in the engine (not the gRPC layer) so every way in (gRPC, the in-process harness) gets the same
-checks. Every error names the field and the problem.
+Lives in the engine (not the gRPC layer) so every way in (gRPC, the in-process harness) gets the
+same checks. Every error names the field and the problem.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def build_spec(
         ("maxMemory", max_memory),
         ("maxIOBPS", max_iobps),
     )
-    for field, value in limit_fields:
-        if value < 0:
-            raise InvalidRequest(f"invalid {field}: must not be negative (got {value})")
+    for field, limit in limit_fields:
+        if limit < 0:
+            raise InvalidRequest(f"invalid {field}: must not be negative (got {limit})")
     ncpu = len(host_cpus())
     if max_cpu > 100 * ncpu:
         raise InvalidRequest(

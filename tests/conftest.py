@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -35,30 +36,42 @@ def cgroup_dirs_named(name: str) -> list[Path]:
 
 
 def processes_in_cgroup_named(name: str) -> list[int]:
-    """PIDs of every process whose cgroup path mentions ``name``."""
+    """PIDs of every live process whose cgroup path mentions ``name``.
+
+    Zombies are left out: on cgroup v2 a zombie keeps showing its old group until its parent (here
+    the host's PID 1, outside our control) reaps it, though it holds nothing.
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             text = Path(f"/proc/{entry}/cgroup").read_text()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
+            continue
+        if state == "Z":
             continue
         if f"/{name}/" in text or text.rstrip().endswith(f"/{name}"):
             pids.append(int(entry))
     return pids
 
 
-def make_config(**joblet: object) -> Config:
+def make_config(**joblet: Any) -> Config:
     """A config for tests: short timeouts, everything else default."""
     section = attrs.evolve(JobletSection(cleanup_timeout=5.0), **joblet)
     return Config(joblet=section)
 
 
 @pytest.fixture
-async def joblet(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """A running in-process joblet; after the test, nothing of it may be left on the host."""
+def root() -> None:
+    """Needs root (a sync fixture: pytest-trio loses the reason of a skip in an async one)."""
     require_root()
+
+
+@pytest.fixture
+async def joblet(root: None, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """A running in-process joblet; after the test, nothing of it may be left on the host."""
     marker = request.node.get_closest_marker("joblet_config")
     cfg = make_config(**(marker.kwargs if marker else {}))
     async with open_harness(cfg) as harness:

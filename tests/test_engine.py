@@ -1,4 +1,4 @@
-"""The engine end to end: real jobs in real namespaces and cgroups, through the in-process harness."""
+"""The engine end to end: real jobs in real namespaces and cgroups, via the in-process harness."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ async def test_completed_job_keeps_stdout_and_stderr_apart(joblet: Harness) -> N
     with trio.fail_after(30):
         job = await joblet.run("sh", "-c", "echo out1; echo err1 >&2; echo out2")
         assert job.status is JobStatus.RUNNING
-        assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", job.id)
+        assert re.fullmatch(
+            r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", job.id
+        )
         final = await joblet.wait(job.id)
         assert final.status is JobStatus.COMPLETED
         assert final.exit_code == 0 and final.reason == ""
@@ -105,7 +107,7 @@ async def test_lookup_by_unique_prefix_and_errors(joblet: Harness) -> None:
             joblet.engine.get("nope")
         other = await joblet.run("true")
         await joblet.wait(other.id)
-        common = os.path.commonprefix([job.id, other.id])
+        common = os.path.commonprefix([job.id, other.id])  # noqa: RUF071 (a string prefix)
         if common:
             with pytest.raises(AmbiguousJobId):
                 joblet.engine.get(common)
@@ -161,7 +163,9 @@ async def test_invalid_requests_name_the_problem(joblet: Harness) -> None:
 
 async def test_stop_is_graceful_through_sigterm(joblet: Harness) -> None:
     with trio.fail_after(30):
-        job = await joblet.run("sh", "-c", "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 60 & wait")
+        job = await joblet.run(
+            "sh", "-c", "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 60 & wait"
+        )
         await _wait_for_output(joblet, job.id, b"ready\n")
         final = await joblet.engine.stop_job(job.id)
         assert (final.status, final.exit_code) == (JobStatus.STOPPED, -1)
@@ -183,7 +187,9 @@ async def test_job_ignoring_sigterm_is_killed_after_the_grace_period(joblet: Har
     assert (final.status, final.exit_code) == (JobStatus.STOPPED, -1)
 
 
-async def test_background_processes_die_with_the_job_and_zombies_are_reaped(joblet: Harness) -> None:
+async def test_background_processes_die_with_the_job_and_zombies_are_reaped(
+    joblet: Harness,
+) -> None:
     script = (
         "sh -c 'sleep 0.2 & exit 0' ; "  # leaves an orphan that PID 1 must reap
         "sleep 0.5; "
@@ -215,7 +221,8 @@ async def test_isolation(joblet: Harness) -> None:
         "grep -E '^(NoNewPrivs|CapEff|CapPrm|CapAmb)' /proc/self/status; "
         f"cat {secret} >/dev/null 2>&1 && echo secret=readable || echo secret=hidden; "
         f"ls {joblet.state_dir} >/dev/null 2>&1 && echo state=visible || echo state=hidden; "
-        "(echo x > /proc/sys/kernel/hostname) 2>/dev/null && echo procsys=writable || echo procsys=ro; "
+        "(echo x > /proc/sys/kernel/hostname) 2>/dev/null "
+        "&& echo procsys=writable || echo procsys=ro; "
         "touch /etc/x 2>/dev/null && echo etc=writable || echo etc=ro; "
         "touch /usr/x 2>/dev/null && echo usr=writable || echo usr=ro; "
         "touch /work/x && echo work=writable; touch /tmp/x && echo tmp=writable; "
@@ -224,8 +231,11 @@ async def test_isolation(joblet: Harness) -> None:
     with trio.fail_after(30):
         job = await joblet.run("sh", "-c", script)
         await joblet.wait(job.id)
-        out, err = await joblet.streams(job.id)
-    lines = dict(line.split("=", 1) if "=" in line else line.split(":\t") for line in out.decode().splitlines())
+        out, _err = await joblet.streams(job.id)
+    lines = dict(
+        line.split("=", 1) if "=" in line else line.split(":\t")
+        for line in out.decode().splitlines()
+    )
     assert lines["pid"] == "2"  # PID 1 is the job's init, the command is its child
     assert int(lines["procs"]) <= 6  # init, sh, ls, grep (host processes are not visible)
     assert lines["host"] == job.id
@@ -273,7 +283,9 @@ async def test_100_concurrent_jobs_have_byte_exact_logs(joblet: Harness) -> None
             assert await joblet.output(job_id) == expected(i)
 
 
-async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(joblet: Harness) -> None:
+async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(
+    joblet: Harness,
+) -> None:
     size = 200 * 1024 * 1024
     # Deterministic, compressible-but-not-trivial output: numbered lines.
     script = f"seq 1 100000000 | head -c {size}"

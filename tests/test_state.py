@@ -62,5 +62,9 @@ def test_stop_after_the_end_names_the_status() -> None:
 def test_start_failure() -> None:
     s = JobState("j1", start_time=1.0)
     s.start_failed("command not found: x", now=1.5)
-    assert (s.status, s.exit_code, s.reason) == (JobStatus.FAILED, -1, "start failed: command not found: x")
+    assert (s.status, s.exit_code, s.reason) == (
+        JobStatus.FAILED,
+        -1,
+        "start failed: command not found: x",
+    )
     assert s.status.terminal

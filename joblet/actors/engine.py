@@ -41,7 +41,7 @@ class Engine:
         return self._ctx
 
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the job nursery until cancelled; on the way out every job is stopped and cleaned up."""
+        """Own the job nursery until cancelled; on the way out every job is cleaned up."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -112,7 +112,9 @@ class JobActor:
         if self.state.request_stop(reason):
             self._stop_requested.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[JobInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[JobInfo] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run the job to its end; ``task_status.started`` once it runs or failed to start.
 
         Never raises an ``Exception``: a failure of the job, or a bug while running it, ends the

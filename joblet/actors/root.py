@@ -108,4 +108,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
             with trio.move_on_after(config.joblet.cleanup_timeout * 2):
                 await persist.flush()
         system.cancel_scope.cancel()
+    try:
+        driver.teardown()
+    except OSError as e:
+        logfmt.warn("cgroup parent could not be removed", error=str(e))
     logfmt.info("joblet node stopped", nodeId=ctx.node_id)

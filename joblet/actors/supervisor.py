@@ -15,6 +15,7 @@ import trio
 
 from joblet import logfmt
 
+
 async def supervise(
     name: str,
     run: Callable[..., Awaitable[None]],

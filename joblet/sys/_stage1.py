@@ -20,10 +20,16 @@ The status socket is close-on-exec: the daemon sees EOF exactly when the exec su
 failure before that is written to it as one line of text and the process exits with status 127.
 """
 
+from __future__ import annotations
+
 import ctypes
 import marshal
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: stage 1 imports nothing it does not run
+    from typing import Any, BinaryIO, NoReturn
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -52,13 +58,15 @@ class SetupError(Exception):
     """A start step failed; the message goes to the daemon."""
 
 
-def _check(ret, what):
+def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise SetupError(f"{what}: {os.strerror(err)}")
 
 
-def _mount(source, target, fstype, flags, data=None):
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
     _check(
         _libc.mount(
             source.encode() if source else None,
@@ -71,7 +79,7 @@ def _mount(source, target, fstype, flags, data=None):
     )
 
 
-def _bind(source, target, *, readonly, extra=0):
+def _bind(source: str, target: str, *, readonly: bool, extra: int = 0) -> None:
     _mount(source, target, None, MS_BIND | MS_REC)
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | extra
     if readonly:
@@ -79,7 +87,7 @@ def _bind(source, target, *, readonly, extra=0):
     _mount(None, target, None, flags)
 
 
-def join_cgroups(membership):
+def join_cgroups(membership: list[list[str]]) -> None:
     """Write our PID into each cgroup.procs file, then check /proc/self/cgroup agrees."""
     pid = str(os.getpid())
     for procs, _controller, _expected in membership:
@@ -93,7 +101,7 @@ def join_cgroups(membership):
             raise SetupError(f"cgroup join failed: {procs}: {e.strerror}") from None
     with open("/proc/self/cgroup") as f:
         lines = f.read().splitlines()
-    actual = {}
+    actual: dict[str, str] = {}
     for line in lines:
         _hid, controllers, path = line.split(":", 2)
         actual[controllers] = path
@@ -107,7 +115,7 @@ def join_cgroups(membership):
             )
 
 
-def build_root(spec):
+def build_root(spec: dict[str, Any]) -> None:
     """Create the job's root filesystem inside our private mount namespace."""
     root = spec["root"]
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
@@ -179,7 +187,7 @@ def build_root(spec):
     _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def resolve_command(root, command, path):
+def resolve_command(root: str, command: str, path: str) -> str:
     """Find the command inside the job root, as the job's PATH lookup would."""
     if "/" in command:
         candidates = [command if command.startswith("/") else "/work/" + command]
@@ -194,7 +202,7 @@ def resolve_command(root, command, path):
     raise SetupError(f"command not found: {command}")
 
 
-def main():
+def main() -> None:
     """Run stage 1; never returns on success (it execs)."""
     status_fd = int(sys.argv[1])
     status = os.fdopen(status_fd, "r+b", buffering=0)
@@ -249,7 +257,7 @@ def main():
         _fail(status, f"{type(e).__name__}: {e}")
 
 
-def _loopback_up():
+def _loopback_up() -> None:
     import fcntl
     import socket
     import struct
@@ -261,7 +269,7 @@ def _loopback_up():
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
 
 
-def _close_fds_except(keep):
+def _close_fds_except(keep: int) -> None:
     """Close every inherited descriptor but stdio and ``keep`` (which is close-on-exec)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -272,7 +280,7 @@ def _close_fds_except(keep):
                 pass  # the listdir's own descriptor, already gone
 
 
-def _fail(status, message):
+def _fail(status: BinaryIO, message: str) -> NoReturn:
     try:
         status.write(message.encode("utf-8", "replace")[:4000])
     finally:
