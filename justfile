@@ -51,3 +51,10 @@ bench *ARGS: setup
 # Regenerate the protobuf/purerpc code from proto/ (output is committed).
 proto: setup
     "{{py}}" -m joblet.rpc.gen
+
+# Run rnx against the daemon started by `just serve` (uses ./state/certs).
+rnx *ARGS: setup
+    JOBLET_CA_PATH="{{justfile_directory()}}/state/certs/ca-cert.pem" \
+    JOBLET_CERT_PATH="{{justfile_directory()}}/state/certs/admin-client-cert.pem" \
+    JOBLET_KEY_PATH="{{justfile_directory()}}/state/certs/admin-client-key.pem" \
+    "{{venv}}/bin/rnx" {{ARGS}}
