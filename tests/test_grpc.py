@@ -322,7 +322,6 @@ def test_certificate_without_a_role_is_denied_everything(
     [
         (None, "no client certificate provided"),
         ("foreign", "certificate verify failed: unable to get local issuer certificate"),
-        ("expired", "certificate verify failed: certificate has expired"),
     ],
 )
 def test_handshake_refuses_bad_certificates(
@@ -338,6 +337,38 @@ def test_handshake_refuses_bad_certificates(
         channel.close()
     daemon.wait_for_log("client authentication failed | remote=127.0.0.1:")
     daemon.wait_for_log(logged)
+
+
+@pytest.mark.slow
+def test_expired_certificate_is_unauthenticated_with_the_specs_message(
+    client_certs: ClientCerts, stub_for: Callable[..., Any], daemon: Daemon
+) -> None:
+    stub = stub_for(client_certs.expired)  # signed by our CA, OU=admin, expired yesterday
+    for call in (
+        lambda: stub.ListJobs(pb.EmptyRequest(), timeout=T),
+        lambda: stub.RunJob(pb.RunJobReq(command="true"), timeout=T),
+        lambda: stub.GetJobStatus(pb.GetJobStatusReq(id="x"), timeout=T),
+    ):
+        assert_status(
+            rpc_error(call),
+            Code.UNAUTHENTICATED,
+            "certificate verify failed: certificate has expired",
+        )
+
+
+def test_certificate_validity_window_is_checked() -> None:
+    utc = dt.UTC
+    start = dt.datetime(2026, 1, 1, tzinfo=utc)
+    end = dt.datetime(2026, 12, 31, tzinfo=utc)
+    before = dt.datetime(2025, 12, 31, tzinfo=utc)
+    inside = dt.datetime(2026, 6, 1, tzinfo=utc)
+    after = dt.datetime(2027, 1, 1, tzinfo=utc)
+    assert auth.validity_error(start, end, inside) == ""
+    assert auth.validity_error(start, end, before).endswith("certificate is not yet valid")
+    assert auth.validity_error(start, end, after).endswith("certificate has expired")
+    expired = auth.Peer(remote="r", subject="CN=x", role="admin", auth_error="boom", problem="")
+    with pytest.raises(Unauthenticated, match=r"^boom$"):
+        auth.authorize("ListJobs", expired)
 
 
 # --- not yet implemented --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ inherits it, so :func:`authorize` needs nothing but the method name.
 from __future__ import annotations
 
 import contextvars
+import datetime
 import re
 
 import attrs
@@ -48,12 +49,15 @@ class Peer:
         subject: Its certificate's subject (RFC 4514), empty without a certificate.
         role: ``"admin"`` or ``"viewer"``, or None when the certificate grants no role.
         problem: Why there is no role (empty when there is one).
+        auth_error: Set when the certificate must not be trusted at all (e.g. it has expired);
+            every request then fails UNAUTHENTICATED with exactly this message.
     """
 
     remote: str
     subject: str = ""
     role: str | None = None
     problem: str = NO_TLS
+    auth_error: str = ""
 
     @property
     def name(self) -> str:
@@ -68,12 +72,30 @@ current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar(
 )
 
 
-def peer_from_certificate(der: bytes | None, remote: str) -> Peer:
+def validity_error(
+    not_before: datetime.datetime, not_after: datetime.datetime, now: datetime.datetime
+) -> str:
+    """OpenSSL's wording when ``now`` is outside a certificate's validity, else ``""``."""
+    if now < not_before:
+        return "certificate verify failed: certificate is not yet valid"
+    if now > not_after:
+        return "certificate verify failed: certificate has expired"
+    return ""
+
+
+def peer_from_certificate(
+    der: bytes | None, remote: str, *, now: datetime.datetime | None = None
+) -> Peer:
     """Describe a verified client from its certificate.
+
+    The TLS handshake verifies the chain but not the validity period (see
+    :func:`joblet.rpc.server.server_ssl_context`): it is checked here, so that an expired
+    certificate gets the spec's UNAUTHENTICATED answer instead of a refused connection.
 
     Args:
         der: The certificate the TLS handshake verified (DER), or None if there was none.
         remote: The client's address.
+        now: The time to check validity against (default: now).
     """
     if der is None:
         return Peer(remote=remote, problem="no client certificate provided")
@@ -82,6 +104,10 @@ def peer_from_certificate(der: bytes | None, remote: str) -> Peer:
     except ValueError as exc:  # cannot happen after OpenSSL verified it, but never crash on it
         return Peer(remote=remote, problem=f"unreadable client certificate: {exc}")
     subject = cert.subject.rfc4514_string()
+    now = now or datetime.datetime.now(datetime.UTC)
+    expired = validity_error(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
+    if expired:
+        return Peer(remote=remote, subject=subject, problem=expired, auth_error=expired)
     role = role_from_cert_subject(cert)
     if role is not None:
         return Peer(remote=remote, subject=subject, role=role, problem="")
@@ -123,6 +149,8 @@ def authorize(method: str, peer: Peer | None = None) -> Peer:
         peer = current_peer.get()
     if peer is None:
         raise Unauthenticated(f"failed to extract client role: {NO_TLS}")
+    if peer.auth_error:
+        raise Unauthenticated(peer.auth_error)
     if peer.role is None:
         raise Unauthenticated(f"failed to extract client role: {peer.problem}")
     if not is_allowed(peer.role, method):

@@ -32,6 +32,7 @@ import errno
 import functools
 import socket
 import ssl
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -116,8 +117,27 @@ def server_ssl_context(ca_cert: Path, server_cert: Path, server_key: Path) -> ss
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(server_cert, server_key)
     ctx.load_verify_locations(cafile=ca_cert)
+    # The chain is verified in the handshake, but not the validity period: that is checked per
+    # connection (auth.peer_from_certificate and CA_VALIDITY below), so an expired certificate is
+    # answered UNAUTHENTICATED "certificate verify failed: certificate has expired" as the spec
+    # says, instead of a refused connection that clients only see as UNAVAILABLE.
+    ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
     ctx.set_alpn_protocols(["h2"])  # gRPC clients insist on it
     return ctx
+
+
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+
+
+def ca_validity_error(ctx: ssl.SSLContext) -> str:
+    """The time check the handshake skips, for the CAs themselves: an error unless one is valid."""
+    now = time.time()
+    for ca in ctx.get_ca_certs():
+        start = ssl.cert_time_to_seconds(str(ca["notBefore"]))
+        end = ssl.cert_time_to_seconds(str(ca["notAfter"]))
+        if start <= now <= end:
+            return ""
+    return "certificate verify failed: the CA certificate is not valid now"
 
 
 # --- the service table ----------------------------------------------------------------------------
@@ -476,6 +496,9 @@ class ConnectionHandler(_PurerpcConnectionHandler):  # type: ignore[misc]
         peer = auth.peer_from_certificate(
             stream.extra(TLSAttribute.peer_certificate_binary, None), remote
         )
+        ca_error = ca_validity_error(self._ssl_context)
+        if ca_error:
+            peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
         # Inherited by every request task spawned below: the handlers' view of who is calling.
         auth.current_peer.set(peer)
         logfmt.debug("client connected", remote=remote, client=peer.name, role=peer.role or "-")
