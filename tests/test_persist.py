@@ -1,0 +1,191 @@
+"""The persist actor: batching thresholds, layout, one thread hop per batch, shutdown, failures.
+
+Real files in ``tmp_path``; time is a ``MockClock`` where a threshold is under test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult
+from joblet.config import LogsSection
+from joblet.store.joblog import JobLog, LogBudget
+from joblet.store.logfiles import LogFileReader, stream_path
+from joblet.store.logindex import STDERR, STDOUT, Chunk
+
+
+def make_log(logs_dir: Path, persist: PersistActor, job_id: str = "job-1") -> JobLog:
+    return JobLog(
+        job_id,
+        persist=persist,
+        budget=LogBudget(64 << 20),
+        window_bytes=1 << 20,
+        reader=lambda: LogFileReader(logs_dir / job_id),
+    )
+
+
+def open_fds_under(path: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+async def test_a_batch_is_written_when_flush_bytes_gather(tmp_path: Path) -> None:
+    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1000, flush_interval=3600))
+    log = make_log(tmp_path, persist)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)
+            await log.append(STDOUT, b"x" * 999)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (persist.pending_bytes, log.persisted) == (999, 0)  # below the threshold
+            await log.append(STDERR, b"y")
+            await log.wait_persisted(1000)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_is_written_when_the_oldest_byte_has_waited_flush_interval(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
+    log = make_log(tmp_path, persist)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persist.run)
+        await log.append(STDOUT, b"first\n")
+        mock_clock.jump(4.0)
+        await log.append(STDOUT, b"second\n")  # does not restart the wait
+        await trio.testing.wait_all_tasks_blocked()
+        assert (persist.pending_bytes, log.persisted) == (13, 0)
+        mock_clock.jump(1.0)
+        mock_clock.rate = 1.0  # let real time run, so the ceiling below works
+        with trio.fail_after(10):
+            await log.wait_persisted(13)
+        assert persist.pending_bytes == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_files_are_gzip_per_stream_per_job(tmp_path: Path) -> None:
+    persist = PersistActor(tmp_path, LogsSection())
+    logs = [make_log(tmp_path, persist, f"job-{i}") for i in range(3)]
+    expected: dict[tuple[str, int], bytes] = {}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)
+            for k in range(50):
+                for i, log in enumerate(logs):
+                    stream = STDERR if (k + i) % 3 == 0 else STDOUT
+                    data = b"job %d line %d on %d\n" % (i, k, stream)
+                    await log.append(stream, data)
+                    key = (log.job_id, stream)
+                    expected[key] = expected.get(key, b"") + data
+            for log in logs:
+                log.close()
+                persist.close_job(log.job_id)
+            await persist.flush()
+            nursery.cancel_scope.cancel()
+        for (job_id, stream), data in expected.items():
+            path = stream_path(tmp_path / job_id, stream)
+            assert path == tmp_path / job_id / (
+                "stdout.log.gz" if stream == STDOUT else "stderr.log.gz"
+            )
+            out = await trio.run_process(["zcat", str(path)], capture_stdout=True)
+            assert out.stdout == data
+    assert open_fds_under(tmp_path) == []  # close_job closed every writer
+
+
+class CountingPersist(PersistActor):
+    """Records which jobs each worker-thread call wrote."""
+
+    batches: list[list[str]]
+
+    def _write_sync(
+        self, batch: list[tuple[JobLog, list[Chunk]]], closing: list[str]
+    ) -> _BatchResult:
+        self.batches.append([log.job_id for log, _ in batch])
+        return super()._write_sync(batch, closing)
+
+
+async def test_chunks_of_many_jobs_go_to_disk_in_one_thread_hop(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    persist = CountingPersist(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
+    persist.batches = []
+    logs = [make_log(tmp_path, persist, f"job-{i}") for i in range(5)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persist.run)
+        for _ in range(20):
+            for log in logs:
+                await log.append(STDOUT, b"some output\n" * 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert persist.batches == []
+        mock_clock.rate = 1.0
+        with trio.fail_after(10):
+            await persist.flush()
+        assert persist.batches == [[log.job_id for log in logs]]
+        assert all(log.persisted == log.size for log in logs)
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancellation_writes_what_is_queued_and_closes_the_files(tmp_path: Path) -> None:
+    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=3600))
+    log = make_log(tmp_path, persist)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)
+            await log.append(STDOUT, b"written at shutdown\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert log.persisted == 0
+            nursery.cancel_scope.cancel()  # no flush(): the actor writes on its way out
+    assert log.persisted == log.size
+    assert LogFileReader(tmp_path / "job-1").size() == log.size
+    assert open_fds_under(tmp_path) == []
+
+
+async def test_a_failed_write_keeps_the_batch_and_a_restart_writes_it(tmp_path: Path) -> None:
+    persist = PersistActor(tmp_path, LogsSection(flush_interval=0.01))
+    log = make_log(tmp_path, persist)
+    blocker = tmp_path / "job-1"
+    blocker.write_bytes(b"")  # a file where the job's log directory must go
+    with trio.fail_after(10):
+        with pytest.RaisesGroup(pytest.RaisesExc(LogWriteError, match="job-1")):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(persist.run)
+                await log.append(STDOUT, b"must not be lost\n")
+                await log.append(STDERR, b"nor this\n")
+                await log.wait_persisted(log.size)  # never: the actor fails first
+        assert (log.persisted, persist.pending_bytes) == (0, log.size)
+        blocker.unlink()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)  # as the supervisor would
+            await log.append(STDOUT, b"after the restart\n")
+            await persist.flush()
+            nursery.cancel_scope.cancel()
+    assert log.persisted == log.size
+    chunks = LogFileReader(tmp_path / "job-1").read(0, 1 << 20)
+    assert b"".join(c.data for c in chunks) == b"must not be lost\nnor this\nafter the restart\n"
+    assert [c.stream for c in chunks] == [STDOUT, STDERR, STDOUT]
+    with trio.fail_after(10):
+        path = stream_path(tmp_path / "job-1", STDOUT)
+        zcat = await trio.run_process(["zcat", str(path)], capture_stdout=True)
+    assert zcat.stdout == b"must not be lost\nafter the restart\n"
+
+
+async def test_run_twice_at_once_is_refused(tmp_path: Path) -> None:
+    persist = PersistActor(tmp_path, LogsSection())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)
+            with pytest.raises(RuntimeError, match="already running"):
+                await persist.run()
+            nursery.cancel_scope.cancel()
