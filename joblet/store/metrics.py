@@ -1,0 +1,281 @@
+"""A job's persisted metrics: one gzipped JSON Lines file (blocking I/O, meant for a worker thread).
+
+Layout (the spec's Persist Service storage): ``<metrics_dir>/<job_id>/metrics.jsonl.gz`` holds one
+JSON object per line and per metric type of a sample::
+
+    {"timestamp": 1704451200000000000, "metric_type": "cpu", "values": {"cpu_percent": 58.0}}
+
+``timestamp`` is Unix time in nanoseconds; every record of one sample carries the same timestamp.
+
+The file is standard gzip (``zcat metrics.jsonl.gz`` prints the lines): each flush appends one
+complete gzip member holding whole lines, in a single write. A crash can therefore only leave a torn
+*last* member; readers ignore it (and a last line without its newline), and a writer reopening the
+file cuts it off before appending, so the file stays valid gzip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+#: File name of a job's metrics inside its directory (the spec's name).
+METRICS_FILE_NAME = "metrics.jsonl.gz"
+#: gzip level: metrics lines are small and repetitive; level 6 (zlib's default) costs nothing here.
+GZIP_LEVEL = 6
+#: The wbits value that makes zlib read and write the gzip container.
+_GZIP_WBITS = 31
+_FILE_MODE = 0o600
+_READ_BLOCK = 1 << 16
+
+
+class MetricsCorrupted(Exception):
+    """A complete gzip member of a metrics file holds a line that is not a metric record."""
+
+
+@attrs.frozen
+class MetricRecord:
+    """One line of a metrics file: the values of one metric type at one instant.
+
+    Attributes:
+        timestamp_ns: Unix time in nanoseconds (shared by all records of one sample).
+        metric_type: ``"cpu"``, ``"memory"``, ``"io"``, ``"network"``, ``"process"`` (or
+            another category; readers keep what they do not know).
+        values: Metric name to number, e.g. ``{"cpu_percent": 58.0}``.
+    """
+
+    timestamp_ns: int
+    metric_type: str
+    values: dict[str, float]
+
+    def to_json(self) -> str:
+        """The record as one JSON line (without the newline), in the spec's field names."""
+        return json.dumps(
+            {
+                "timestamp": self.timestamp_ns,
+                "metric_type": self.metric_type,
+                "values": self.values,
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> MetricRecord:
+        """Parse one JSON line.
+
+        Raises:
+            ValueError: The line is not a metric record.
+        """
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise ValueError("a metric record is a JSON object")
+        ts = obj.get("timestamp")
+        kind = obj.get("metric_type")
+        values = obj.get("values")
+        if not isinstance(ts, int) or isinstance(ts, bool):
+            raise ValueError(f"bad timestamp: {ts!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"bad metric_type: {kind!r}")
+        if not isinstance(values, dict):
+            raise ValueError(f"bad values: {values!r}")
+        out: dict[str, float] = {}
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"bad value for {name}: {v!r}")
+            out[name] = float(v)
+        return cls(ts, kind, out)
+
+
+def job_metrics_dir(metrics_dir: Path, job_id: str) -> Path:
+    """The metrics directory of a job.
+
+    Raises:
+        ValueError: ``job_id`` is not a plain file name.
+    """
+    if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
+        raise ValueError(f"invalid job id for a metrics directory: {job_id!r}")
+    return metrics_dir / job_id
+
+
+def metrics_path(metrics_dir: Path, job_id: str) -> Path:
+    """Path of a job's metrics file: ``<metrics_dir>/<job_id>/metrics.jsonl.gz``.
+
+    Raises:
+        ValueError: ``job_id`` is not a plain file name.
+    """
+    return job_metrics_dir(metrics_dir, job_id) / METRICS_FILE_NAME
+
+
+def delete_job_metrics(metrics_dir: Path, job_id: str) -> None:
+    """Remove a job's persisted metrics; nothing happens if it has none.
+
+    The caller makes sure the job's sampler has ended (it writes until the job has ended).
+
+    Raises:
+        ValueError: ``job_id`` is not a plain file name.
+    """
+    try:
+        shutil.rmtree(job_metrics_dir(metrics_dir, job_id))
+    except FileNotFoundError:
+        pass
+
+
+def encode_member(records: Iterable[MetricRecord]) -> bytes:
+    """One complete gzip member holding ``records`` as JSON lines."""
+    text = "".join(r.to_json() + "\n" for r in records)
+    return zlib.compress(text.encode(), GZIP_LEVEL, _GZIP_WBITS)
+
+
+def decode_members(data: bytes) -> tuple[list[MetricRecord], int]:
+    """Parse concatenated gzip members, stopping at the first one that is torn or damaged.
+
+    Returns:
+        The records of the complete members, and the number of bytes those members take (where a
+        writer may append).
+
+    Raises:
+        MetricsCorrupted: A complete member holds a line that is not a metric record.
+    """
+    records: list[MetricRecord] = []
+    pos = 0
+    while pos < len(data):
+        d = zlib.decompressobj(_GZIP_WBITS)
+        try:
+            text = d.decompress(data[pos:])
+        except zlib.error:
+            break  # a torn member whose damage shows before its end, or garbage after the last
+        if not d.eof:
+            break  # torn: the member ends before its trailer
+        lines = text.split(b"\n")
+        if lines[-1]:
+            lines = lines[:-1]  # a last line without its newline: torn, not ours to judge
+        for line in lines:
+            if not line:
+                continue
+            try:
+                records.append(MetricRecord.from_json(line))
+            except ValueError as e:
+                raise MetricsCorrupted(f"bad metric line at member offset {pos}: {e}") from e
+        pos = len(data) - len(d.unused_data)
+    return records, pos
+
+
+def read_metric_records(path: Path) -> list[MetricRecord]:
+    """Every record of a metrics file in file order; a missing file has none.
+
+    A torn last gzip member and a torn last line are ignored (a crash while writing).
+
+    Raises:
+        MetricsCorrupted: A complete member holds a line that is not a metric record.
+        OSError: The file exists but cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return decode_members(data)[0]
+
+
+class MetricsWriter:
+    """Appends records to a job's metrics file, one gzip member per :meth:`append` (blocking).
+
+    Use from one thread at a time. If the file exists (a writer reopened after a restart), a torn
+    tail is cut off and the writer continues after the last complete member.
+
+    Args:
+        path: The metrics file (see :func:`metrics_path`); its directory is created if missing.
+
+    Owns one file descriptor, released by :meth:`close`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            self._size = _valid_extent(self._fd)
+            os.ftruncate(self._fd, self._size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """Bytes of complete members in the file."""
+        return self._size
+
+    def append(self, records: Sequence[MetricRecord]) -> None:
+        """Write ``records`` as one gzip member (nothing if empty).
+
+        Raises:
+            ValueError: The writer is closed, or a value is not finite.
+            OSError: Writing failed (the file is cut back to its previous size if possible).
+        """
+        if self._closed:
+            raise ValueError("metrics writer is closed")
+        if not records:
+            return
+        for r in records:
+            for name, v in r.values.items():
+                if not math.isfinite(v):
+                    raise ValueError(f"metric {name} is not finite: {v!r}")
+        member = encode_member(records)
+        try:
+            written = 0
+            while written < len(member):
+                written += os.pwrite(self._fd, member[written:], self._size + written)
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass  # a torn member is ignored by readers and cut by the next writer
+            raise
+        self._size += len(member)
+
+    def sync(self) -> None:
+        """fsync the file."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """fsync and close the file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
+def _valid_extent(fd: int) -> int:
+    chunks = []
+    pos = 0
+    while block := os.pread(fd, _READ_BLOCK, pos):
+        chunks.append(block)
+        pos += len(block)
+    return decode_members(b"".join(chunks))[1]
+
+
+def group_by_timestamp(
+    records: Iterable[MetricRecord],
+) -> list[tuple[int, dict[str, Mapping[str, float]]]]:
+    """Records grouped into samples: ``(timestamp_ns, {metric_type: values})``, in first-seen order.
+
+    Records of one sample are written together, so consecutive records with the same timestamp
+    form one sample.
+    """
+    out: list[tuple[int, dict[str, Mapping[str, float]]]] = []
+    for r in records:
+        if out and out[-1][0] == r.timestamp_ns:
+            out[-1][1][r.metric_type] = r.values
+        else:
+            out.append((r.timestamp_ns, {r.metric_type: r.values}))
+    return out
