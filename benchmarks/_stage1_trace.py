@@ -1,14 +1,13 @@
-"""Stage 1 with timestamps: ``benchmarks.run --breakdown`` runs this in place of ``_stage1.py``.
+"""Stage 1 with timestamps: ``benchmarks.run --breakdown`` runs this in place of stage 1.
 
-Runs as ``python -I -S _stage1_trace.py <fd>``, exactly like stage 1 (standard library only, no
-site-packages), and does what the interpreter does with a script: read and compile
-``joblet/sys/_stage1.py``, run its module body, then its ``main()``. Around the way it records
-``time.perf_counter()`` (CLOCK_MONOTONIC: comparable with the daemon's) at each step, and writes
-them as one line to stderr (the job's stderr, so the bench finds them in the job's log) just
-before the final ``execve``:
+Started like stage 1 (``python -I -S -c <boot> <fd>``: standard library only, no site-packages;
+see :data:`BOOT`), it does what :data:`joblet.sys.launch.STAGE1_BOOT` does: append stage 1's
+directory to ``sys.path``, import ``_stage1`` (from its cached bytecode) and run its ``main()``.
+Along the way it records ``time.perf_counter()`` (CLOCK_MONOTONIC: comparable with the daemon's
+clock) and writes the marks as one line to stderr (the job's stderr, so the bench finds them in
+the job's log) just before the final ``execve``::
 
-    JOBLET-STAGE1-TRACE main=<t> compiled=<t> imported=<t> spec=<t> joined=<t> root=<t> built=<t>
-    exec=<t>
+    JOBLET-STAGE1-TRACE main=<t> imported=<t> spec=<t> joined=<t> root=<t> built=<t> exec=<t>
 """
 
 import time
@@ -16,18 +15,23 @@ import time
 _marks = [("main", time.perf_counter())]
 
 import os  # noqa: E402 (after the first timestamp on purpose)
+import sys  # noqa: E402
 
-STAGE1 = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "joblet", "sys", "_stage1.py"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The ``-c`` program that runs this module instead of stage 1.
+BOOT = (
+    f"import sys; sys.path.append({_HERE!r}); "
+    "import _stage1_trace; _stage1_trace.run(); sys.exit(127)"
 )
+STAGE1_DIR = os.path.join(os.path.dirname(_HERE), "joblet", "sys")
 
 
 def _mark(name):
     _marks.append((name, time.perf_counter()))
 
 
-def _around(ns, fn_name, before, after):
-    fn = ns[fn_name]
+def _around(module, fn_name, before, after):
+    fn = getattr(module, fn_name)
 
     def traced(*args, **kwargs):
         _mark(before)
@@ -35,7 +39,7 @@ def _around(ns, fn_name, before, after):
         _mark(after)
         return result
 
-    ns[fn_name] = traced
+    setattr(module, fn_name, traced)
 
 
 def _traced_execve(real):
@@ -49,19 +53,12 @@ def _traced_execve(real):
 
 
 def run():
-    with open(STAGE1, "rb") as f:
-        source = f.read()
-    code = compile(source, STAGE1, "exec")
-    _mark("compiled")
-    ns = {"__name__": "_stage1", "__file__": STAGE1, "__builtins__": __builtins__}
-    exec(code, ns)
+    """Import and run stage 1 as the daemon's bootstrap does, with timestamps."""
+    sys.path.append(STAGE1_DIR)
+    import _stage1
+
     _mark("imported")
-    _around(ns, "join_cgroups", "spec", "joined")
-    _around(ns, "build_root", "root", "built")
+    _around(_stage1, "join_cgroups", "spec", "joined")
+    _around(_stage1, "build_root", "root", "built")
     os.execve = _traced_execve(os.execve)
-    ns["main"]()
-
-
-if __name__ == "__main__":
-    run()
-    raise SystemExit(127)
+    _stage1.main()

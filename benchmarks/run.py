@@ -54,6 +54,8 @@ from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
 from joblet.store.logfiles import LogFileReader
 from joblet.sys import launch
 
+from ._stage1_trace import BOOT as STAGE1_TRACE_BOOT
+
 #: Jobs started (and waited for) before any timing: page cache of python, unshare, dumb-init.
 WARMUP = 5
 #: Timeout of every gRPC call, seconds.
@@ -62,8 +64,6 @@ CALL_TIMEOUT = 30.0
 MANY_CLIENTS = 16
 UNSHARE_TRUE = ("unshare", "--pid", "--fork", "--mount-proc", "/bin/true")
 PYTHON_BARE = (sys.executable, "-I", "-S", "-c", "pass")
-#: Stands in for stage 1 with ``--breakdown``: the same script, with timestamps.
-STAGE1_TRACE = str(Path(__file__).with_name("_stage1_trace.py"))
 
 Results = dict[str, float]
 EngineBench = Callable[[Harness, argparse.Namespace, Results], Awaitable[None]]
@@ -255,8 +255,7 @@ PHASES = (
     ("cgroup create (mkdir per hierarchy, limits)", "cgroup", "cgroup_done"),
     ("job dirs (root, work, chown), launch spec", "cgroup_done", "spawn"),
     ("fork+exec stage 1, interpreter start-up", "spawn", "main"),
-    ("stage 1: compile _stage1.py (a script: no .pyc)", "main", "compiled"),
-    ("stage 1: module body (imports, CDLL)", "compiled", "imported"),
+    ("stage 1: import _stage1 (ctypes, CDLL)", "main", "imported"),
     ("stage 1: read the launch spec", "imported", "spec"),
     ("stage 1: join cgroups, check /proc/self/cgroup", "spec", "joined"),
     ("stage 1: unshare, sethostname", "joined", "root"),
@@ -276,7 +275,7 @@ def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
     marks: dict[str, float] = {}
     driver = joblet.engine.context.driver
     real_create, real_spawn = driver.create, launch.spawn
-    real_open, real_stage1 = trio.lowlevel.open_process, launch.STAGE1
+    real_open, real_boot = trio.lowlevel.open_process, launch.STAGE1_BOOT
 
     def create(job_id: str, limits: Any) -> None:
         marks["cgroup"] = time.perf_counter()
@@ -297,7 +296,7 @@ def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
     driver.create = create  # type: ignore[method-assign]
     launch.spawn = spawn
     trio.lowlevel.open_process = open_process
-    launch.STAGE1 = STAGE1_TRACE
+    launch.STAGE1_BOOT = STAGE1_TRACE_BOOT
     try:
         yield marks
     finally:
@@ -305,7 +304,7 @@ def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
         assert driver.create == real_create
         launch.spawn = real_spawn
         trio.lowlevel.open_process = real_open
-        launch.STAGE1 = real_stage1
+        launch.STAGE1_BOOT = real_boot
 
 
 async def start_breakdown(joblet: Harness, n: int) -> None:
@@ -341,9 +340,15 @@ async def start_breakdown(joblet: Harness, n: int) -> None:
         total = statistics.median(s["returned"] - s["request"] for s in samples) * 1000
         parts = 0.0
         for label, start, end in PHASES:
-            d = statistics.median(s[end] - s[start] for s in samples) * 1000
-            parts += d
-            row(label, f"{d:.2f} ms", "share of request->RUNNING", f"{d / total:.0%}")
+            d = [(s[end] - s[start]) * 1000 for s in samples]
+            p50 = statistics.median(d)
+            parts += p50
+            row(
+                label,
+                f"{p50:.2f} ms",
+                "p90 | p50 share of request->RUNNING",
+                f"{pct(d, 90):.1f} | {p50 / total:.0%}",
+            )
         row("sum of the medians", f"{parts:.1f} ms", "median request->RUNNING", f"{total:.1f} ms")
         forked = statistics.median(s["forked"] - s["spawn"] for s in samples) * 1000
         row("(open_process call to return, in a thread)", f"{forked:.2f} ms")
