@@ -23,8 +23,9 @@ from purerpc.server import ConnectionHandler
 
 from joblet.model import JobInfo, JobSpec, JobStatus, Limits
 from joblet.rpc import convert, gen
-from joblet.rpc._gen import joblet_grpc, joblet_pb2_grpc
+from joblet.rpc._gen import joblet_grpc, joblet_pb2_grpc, persist_grpc
 from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.rpc._gen import persist_pb2 as persist_pb
 
 STR, BYTES = _d.FieldDescriptor.TYPE_STRING, _d.FieldDescriptor.TYPE_BYTES
 I32, I64 = _d.FieldDescriptor.TYPE_INT32, _d.FieldDescriptor.TYPE_INT64
@@ -207,6 +208,78 @@ def test_both_stub_flavours_cover_every_method() -> None:
     assert {n for n in dir(joblet_pb2_grpc.JobServiceServicer) if not n.startswith("_")} == names
 
 
+# The Persist Service (spec 000, "Persist Service API"): the spec's messages, in their own file.
+SPEC_PERSIST_MESSAGES = [
+    (
+        "QueryLogsRequest",
+        [
+            ("job_id", 1, STR, False),
+            ("stream", 2, STR, False),
+            ("start_time", 3, I64, False),
+            ("end_time", 4, I64, False),
+            ("limit", 5, I32, False),
+        ],
+    ),
+    ("QueryLogsResponse", [("entries", 1, MSG, True)]),
+    (
+        "LogEntry",
+        [("timestamp", 1, I64, False), ("stream", 2, STR, False), ("content", 3, STR, False)],
+    ),
+    (
+        "QueryMetricsRequest",
+        [
+            ("job_id", 1, STR, False),
+            ("metric_type", 2, STR, False),
+            ("start_time", 3, I64, False),
+            ("end_time", 4, I64, False),
+            ("limit", 5, I32, False),
+        ],
+    ),
+    ("QueryMetricsResponse", [("samples", 1, MSG, True)]),
+    (
+        "MetricSample",
+        [("timestamp", 1, I64, False), ("metric_type", 2, STR, False), ("values", 3, MAP, True)],
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "expected"), SPEC_PERSIST_MESSAGES)
+def test_persist_messages_keep_the_spec_numbers(
+    message: str, expected: list[tuple[str, int, object, bool]]
+) -> None:
+    fields = dict(persist_pb.DESCRIPTOR.message_types_by_name[message].fields_by_name)
+    assert set(fields) == {name for name, *_ in expected}, "no field beyond the spec's"
+    for name, number, type_, repeated in expected:
+        f = fields[name]
+        assert f.number == number
+        if type_ == MAP:
+            assert f.message_type is not None and f.message_type.GetOptions().map_entry
+            value = f.message_type.fields_by_name["value"]
+            assert value.type == _d.FieldDescriptor.TYPE_DOUBLE
+        else:
+            assert f.type == type_
+        assert f.is_repeated == repeated
+
+
+def test_persist_service_is_its_own_file_and_package() -> None:
+    assert persist_pb.DESCRIPTOR.name == "persist.proto"
+    service = persist_pb.DESCRIPTOR.services_by_name["PersistService"]
+    assert service.full_name == "joblet.persist.PersistService"
+    got = [(m.name, m.input_type.name, m.output_type.name) for m in service.methods]
+    assert got == [
+        ("QueryLogs", "QueryLogsRequest", "QueryLogsResponse"),
+        ("QueryMetrics", "QueryMetricsRequest", "QueryMetricsResponse"),
+    ]
+    # Streamed in batches of entries; nothing streams from the client.
+    assert all(m.server_streaming and not m.client_streaming for m in service.methods)
+    # joblet.proto keeps only JobService and none of the persist messages.
+    assert list(pb.DESCRIPTOR.services_by_name) == ["JobService"]
+    assert not {m for m, _ in SPEC_PERSIST_MESSAGES} & set(pb.DESCRIPTOR.message_types_by_name)
+    purerpc_service = persist_grpc.PersistServiceServicer().service
+    assert purerpc_service.name == "joblet.persist.PersistService"
+    assert set(purerpc_service.methods) == {"QueryLogs", "QueryMetrics"}
+
+
 def test_wire_bytes_built_from_spec_numbers_decode() -> None:
     """A peer that knows only the spec's numbers interoperates: build the bytes by hand."""
 
@@ -268,15 +341,15 @@ def test_timestamp_is_wire_compatible_with_google_timestamp() -> None:
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    """The committed code is what `just proto` produces from proto/joblet.proto."""
+    """The committed code is what `just proto` produces from proto/*.proto."""
     written = gen.generate(out_dir=tmp_path)
     assert {p.name for p in written} == {
         "__init__.py",
-        "joblet_pb2.py",
-        "joblet_pb2.pyi",
-        "joblet_grpc.py",
-        "joblet_grpc.pyi",
-        "joblet_pb2_grpc.py",
+        *(
+            f"{name}{suffix}"
+            for name in ("joblet", "persist")
+            for suffix in ("_pb2.py", "_pb2.pyi", "_grpc.py", "_grpc.pyi", "_pb2_grpc.py")
+        ),
     }
     for fresh in written:
         committed = gen.OUT_DIR / fresh.name

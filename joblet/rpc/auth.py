@@ -23,8 +23,8 @@ from cryptography.x509.oid import NameOID
 from joblet.certs import ROLES, role_from_cert_subject
 from joblet.errors import PermissionDenied, Unauthenticated
 
-#: Methods of ``joblet.JobService`` a viewer may call (spec 001's role table). An admin may call
-#: every method, including ones added later.
+#: Methods a viewer may call: the read-only ones of ``joblet.JobService`` (spec 001's role table)
+#: and the Persist Service's queries. An admin may call every method, including ones added later.
 VIEWER_METHODS: frozenset[str] = frozenset(
     {
         "GetJobStatus",
@@ -34,6 +34,9 @@ VIEWER_METHODS: frozenset[str] = frozenset(
         "GetWorkflowStatus",
         "ListWorkflows",
         "GetWorkflowJobs",
+        # joblet.persist.PersistService
+        "QueryLogs",
+        "QueryMetrics",
     }
 )
 
@@ -70,6 +73,21 @@ class Peer:
 current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar(
     "joblet_current_peer", default=None
 )
+
+
+def local_peer(remote: str, *, uid: int | None = None, pid: int | None = None) -> Peer:
+    """The client of a Unix socket served without TLS (the Persist Service's socket).
+
+    Such a socket has no certificates: its file mode decides who may connect, and whoever can
+    connect may call everything it serves, so the client gets the ``admin`` role.
+
+    Args:
+        remote: ``unix:<socket path>``.
+        uid: The client process's user id (``SO_PEERCRED``), for log lines.
+        pid: Its process id.
+    """
+    subject = "" if uid is None else f"uid={uid},pid={pid}"
+    return Peer(remote=remote, subject=subject or "unix socket client", role="admin", problem="")
 
 
 def validity_error(
@@ -125,7 +143,7 @@ def operation_name(method: str) -> str:
 
 
 def is_allowed(role: str, method: str) -> bool:
-    """Whether ``role`` may call ``method`` (a ``joblet.JobService`` method name)."""
+    """Whether ``role`` may call ``method`` (a method name of JobService or PersistService)."""
     if role == "admin":
         return True
     return role == "viewer" and method in VIEWER_METHODS

@@ -20,6 +20,10 @@ Responses above ``grpc.maxSendMsgSize`` fail with RESOURCE_EXHAUSTED instead of 
 Deadlines a client sends (``grpc-timeout``) are enforced: the handler is cancelled and the call
 ends with DEADLINE_EXCEEDED.
 
+The same handler serves a Unix socket without TLS (:func:`open_unix_listener`): there the socket
+file's mode is the access control, and every client that can connect acts as
+:func:`~joblet.rpc.auth.local_peer` (the Persist Service's socket).
+
 Handlers are plain coroutines: ``async def Unary(request) -> response`` and, for server streaming,
 ``async def Streaming(request, send) -> None`` where ``await send(message)`` sends one message (a
 coroutine rather than an async generator, so a handler may open nurseries). Errors they raise
@@ -30,11 +34,15 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import socket
 import ssl
+import stat
+import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +407,20 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]
             await self._socket.flush()
 
 
+class _SocketWrapper(SocketWrapper):  # type: ignore[misc]
+    """purerpc's socket wrapper, setting its TCP options on TCP sockets only."""
+
+    @staticmethod
+    def _set_socket_options(stream: anyio.abc.SocketStream) -> None:
+        if _is_tcp(stream):
+            SocketWrapper._set_socket_options(stream)
+
+
+def _is_tcp(stream: anyio.abc.ByteStream) -> bool:
+    family = stream.extra(anyio.abc.SocketAttribute.family, None)
+    return family in (socket.AF_INET, socket.AF_INET6)
+
+
 class _Socket(GRPCProtoSocket):  # type: ignore[misc]
     """purerpc's server-side connection with our connection state machine and streams."""
 
@@ -407,9 +429,13 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]
     def __init__(
         self, config: Any, sock: anyio.abc.ByteStream, *, max_recv: int, keepalive: float
     ) -> None:
-        super().__init__(config, sock)
+        # purerpc's GRPCSocket.__init__ without its SocketWrapper, whose TCP options a Unix
+        # socket rejects: the same four attributes, with our connection and wrapper.
+        AsyncExitStack.__init__(self)
         self._grpc_connection = _Connection(config, max_recv=max_recv)
-        self._socket = SocketWrapper(self._grpc_connection, sock)
+        self._socket = _SocketWrapper(self._grpc_connection, sock)
+        self._receive_buffer_size = 1024 * 1024
+        self._streams: dict[int, Any] = {}
         _set_keepalive(sock, keepalive)  # after purerpc's own socket options (idle 300 s)
 
     async def _listen(self) -> Any:
@@ -456,7 +482,7 @@ def _format_address(addr: Any) -> str:
 def _set_keepalive(stream: anyio.abc.ByteStream, idle: float) -> None:
     """TCP keep-alive probes after ``idle`` seconds of silence (``grpc.keepAliveTime``)."""
     sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    if sock is None or not hasattr(socket, "TCP_KEEPIDLE"):
+    if sock is None or not hasattr(socket, "TCP_KEEPIDLE") or not _is_tcp(stream):
         return
     seconds = max(1, int(idle))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -472,12 +498,17 @@ class ConnectionHandler(_PurerpcConnectionHandler):  # type: ignore[misc]
 
     Args:
         services: The services to dispatch to.
-        ssl_context: The server's TLS context (see :func:`server_ssl_context`).
+        ssl_context: The server's TLS context (see :func:`server_ssl_context`); None for a Unix
+            socket, which is served without TLS: its file mode decides who may connect, and
+            each client is :func:`~joblet.rpc.auth.local_peer`.
         config: Message size limits and keep-alive.
     """
 
     def __init__(
-        self, services: Sequence[ServiceDef], ssl_context: ssl.SSLContext, config: GrpcSection
+        self,
+        services: Sequence[ServiceDef],
+        ssl_context: ssl.SSLContext | None,
+        config: GrpcSection,
     ) -> None:
         super().__init__({s.name: s for s in services}, None)
         # purerpc checks outgoing messages against this; we check (and word) it first.
@@ -489,16 +520,23 @@ class ConnectionHandler(_PurerpcConnectionHandler):  # type: ignore[misc]
 
     async def __call__(self, raw: anyio.abc.SocketStream) -> None:
         """Serve one connection: handshake, then its requests until it closes."""
-        remote = _format_address(raw.extra(anyio.abc.SocketAttribute.remote_address, "?"))
-        stream = await self._handshake(raw, remote)
-        if stream is None:
-            return
-        peer = auth.peer_from_certificate(
-            stream.extra(TLSAttribute.peer_certificate_binary, None), remote
-        )
-        ca_error = ca_validity_error(self._ssl_context)
-        if ca_error:
-            peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
+        stream: anyio.abc.ByteStream
+        if self._ssl_context is None:
+            stream = raw
+            peer = _local_peer(raw)
+            remote = peer.remote
+        else:
+            remote = _format_address(raw.extra(anyio.abc.SocketAttribute.remote_address, "?"))
+            tls = await self._handshake(raw, remote, self._ssl_context)
+            if tls is None:
+                return
+            stream = tls
+            peer = auth.peer_from_certificate(
+                tls.extra(TLSAttribute.peer_certificate_binary, None), remote
+            )
+            ca_error = ca_validity_error(self._ssl_context)
+            if ca_error:
+                peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
         # Inherited by every request task spawned below: the handlers' view of who is calling.
         auth.current_peer.set(peer)
         logfmt.debug("client connected", remote=remote, client=peer.name, role=peer.role or "-")
@@ -526,11 +564,13 @@ class ConnectionHandler(_PurerpcConnectionHandler):  # type: ignore[misc]
             with trio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(stream)
 
-    async def _handshake(self, raw: anyio.abc.SocketStream, remote: str) -> TLSStream | None:
+    async def _handshake(
+        self, raw: anyio.abc.SocketStream, remote: str, ssl_context: ssl.SSLContext
+    ) -> TLSStream | None:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 return await TLSStream.wrap(
-                    raw, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
+                    raw, server_side=True, ssl_context=ssl_context, standard_compatible=False
                 )
         except ssl.SSLCertVerificationError as exc:
             reason = f"certificate verify failed: {exc.verify_message}"
@@ -638,6 +678,23 @@ class ConnectionHandler(_PurerpcConnectionHandler):  # type: ignore[misc]
         await stream.send_message(message)
 
 
+def _local_peer(stream: anyio.abc.SocketStream) -> auth.Peer:
+    """The client of a Unix socket connection, named by its credentials (``SO_PEERCRED``)."""
+    path = str(stream.extra(anyio.abc.SocketAttribute.local_address, "?"))
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    try:
+        if sock is None:
+            raise OSError("no socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, _gid = _UCRED.unpack(creds)
+    except OSError:
+        return auth.local_peer(f"unix:{path}")
+    return auth.local_peer(f"unix:{path}", uid=uid, pid=pid)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
 def _log_denied(exc: Exception, method: str) -> None:
     peer = auth.current_peer.get() or auth.Peer(remote="-")
     if isinstance(exc, PermissionDenied):
@@ -686,6 +743,119 @@ async def open_listener(address: str, port: int) -> anyio.abc.Listener[anyio.abc
     return await anyio.create_tcp_listener(local_host=address, local_port=port)
 
 
+class UnixSocketListener(anyio.abc.SocketListener):
+    """A listening Unix socket that removes its socket file when closed.
+
+    Made by :func:`open_unix_listener`. The file is removed only if it is still the one this
+    listener created (another process may have replaced it meanwhile).
+    """
+
+    def __init__(self, inner: anyio.abc.SocketListener, path: Path, inode: tuple[int, int]) -> None:
+        self._inner = inner
+        self.path = path
+        self._inode = inode
+        self._closed = False
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._inner.extra(anyio.abc.SocketAttribute.raw_socket)
+
+    async def accept(self) -> anyio.abc.SocketStream:
+        """Wait for a connection."""
+        return await self._inner.accept()
+
+    async def aclose(self) -> None:
+        """Close the socket and remove its file; idempotent."""
+        try:
+            await self._inner.aclose()
+        finally:
+            if not self._closed:
+                self._closed = True
+                _unlink_if_same(self.path, self._inode)
+
+
+def _unlink_if_same(path: Path, inode: tuple[int, int]) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logfmt.warn("socket file could not be removed", path=str(path), error=str(exc))
+
+
+#: Longest path a Unix socket can be bound to (``sun_path`` holds 108 bytes with the NUL).
+UNIX_PATH_MAX = 107
+
+
+async def open_unix_listener(path: Path, mode: int = 0o600) -> UnixSocketListener:
+    """Listen on a Unix socket at ``path``, created with ``mode``.
+
+    The socket file never exists with a wider mode (it is created with ``mode`` already, see
+    unix(7)), and its parent directory is created if missing. A socket file left behind by a
+    process that is gone (a crash) is replaced; one that a live process listens on is not.
+
+    Raises:
+        OSError: ``path`` is too long, is in use by a live listener (EADDRINUSE), exists and is
+            not a socket (EEXIST), or cannot be bound.
+    """
+    sock, inode = await trio.to_thread.run_sync(_bind_unix, path, mode)
+    try:
+        inner = await anyio.abc.SocketListener.from_socket(sock)
+    except BaseException:
+        sock.close()
+        _unlink_if_same(path, inode)
+        raise
+    return UnixSocketListener(inner, path, inode)
+
+
+def _bind_unix(path: Path, mode: int) -> tuple[socket.socket, tuple[int, int]]:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"longer than {UNIX_PATH_MAX} bytes", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The file bind() creates takes the socket inode's mode (less the umask): set it first,
+        # so there is no moment where the file is more open than ``mode``.
+        os.fchmod(sock.fileno(), mode)
+        sock.bind(os.fspath(path))
+        os.chmod(path, mode)  # the umask may have taken bits away
+        st = os.lstat(path)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket", str(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens: left behind by a process that is gone.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    except OSError:
+        pass  # cannot tell (e.g. the backlog is full): assume it is alive
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "in use by another process", str(path))
+
+
 def listener_addresses(listener: anyio.abc.Listener[Any]) -> list[str]:
     """The ``host:port`` each socket of ``listener`` listens on."""
     parts = getattr(listener, "listeners", [listener])
@@ -704,23 +874,30 @@ class GrpcServer:
 
     Args:
         services: What to serve.
-        ssl_context: TLS settings (see :func:`server_ssl_context`).
+        ssl_context: TLS settings (see :func:`server_ssl_context`); None only with a Unix socket
+            listener (see :class:`ConnectionHandler`).
         config: Address, port, message size limits, keep-alive.
-        listener: An already bound listener (see :func:`open_listener`), so a bind failure can
-            surface before the caller starts anything else; by default :meth:`run` binds.
+        listener: An already bound listener (see :func:`open_listener` and
+            :func:`open_unix_listener`), so a bind failure can surface before the caller starts
+            anything else; by default :meth:`run` binds ``config``'s address and port.
+        name: What the server is called in log lines.
     """
 
     def __init__(
         self,
         services: Sequence[ServiceDef],
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | None,
         config: GrpcSection,
         *,
         listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None,
+        name: str = "gRPC server",
     ) -> None:
+        if ssl_context is None and not isinstance(listener, UnixSocketListener):
+            raise ValueError("a gRPC server without TLS may only listen on a Unix socket")
         self._handler = ConnectionHandler(services, ssl_context, config)
         self._config = config
         self._listener = listener
+        self._name = name
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
@@ -738,12 +915,12 @@ class GrpcServer:
             async with trio.open_nursery() as nursery:
                 for part in getattr(listener, "listeners", [listener]):
                     nursery.start_soon(self._accept_loop, part, nursery)
-                logfmt.info("gRPC server listening", address=",".join(addresses))
+                logfmt.info(f"{self._name} listening", address=",".join(addresses))
                 task_status.started(addresses)
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            logfmt.info("gRPC server stopped", address=",".join(addresses))
+            logfmt.info(f"{self._name} stopped", address=",".join(addresses))
 
     async def _accept_loop(self, listener: anyio.abc.SocketListener, nursery: trio.Nursery) -> None:
         while True:
