@@ -115,6 +115,67 @@ class LogsSection:
 
 
 @attrs.frozen
+class PersistTlsSection:
+    """``persist.server.tls``: the Persist Service on TCP with mutual TLS.
+
+    Attributes:
+        enabled: Also serve on ``tcp_address:tcp_port``, with the daemon's CA and server
+            certificate (``security``) and the main service's roles (viewer and admin may query).
+    """
+
+    enabled: bool = False
+
+
+@attrs.frozen
+class PersistServerSection:
+    """``persist.server``: where the Persist Service (historical queries) listens.
+
+    Attributes:
+        grpc_socket: Its Unix socket; relative paths are under the state directory. The socket
+            is created with mode 0600: only the daemon's user (root) may connect, and whoever can
+            connect may query every job.
+        tcp_address: Address of the TCP listener (with ``tls.enabled``).
+        tcp_port: Port of the TCP listener.
+        tls: The TCP listener.
+    """
+
+    grpc_socket: str = "run/persist-grpc.sock"
+    tcp_address: str = "0.0.0.0"
+    tcp_port: int = 50052
+    tls: PersistTlsSection = PersistTlsSection()
+
+
+@attrs.frozen
+class RetentionSection:
+    """``persist.storage.retention``: how long the files of ended jobs are kept.
+
+    Attributes:
+        logs_days: Days a job's log is kept after the job ended (0 = forever).
+        metrics_days: Days a job's metrics are kept after the job ended (0 = forever).
+        cleanup_interval: Time between two clean-ups (the first runs at start-up).
+    """
+
+    logs_days: int = 30
+    metrics_days: int = 90
+    cleanup_interval: float = 86400.0
+
+
+@attrs.frozen
+class PersistStorageSection:
+    """``persist.storage``: the spec's storage settings (local files only)."""
+
+    retention: RetentionSection = RetentionSection()
+
+
+@attrs.frozen
+class PersistSection:
+    """The spec's ``persist:`` section (its keys are snake_case, as the spec writes them)."""
+
+    server: PersistServerSection = PersistServerSection()
+    storage: PersistStorageSection = PersistStorageSection()
+
+
+@attrs.frozen
 class Config:
     """The whole daemon configuration."""
 
@@ -125,6 +186,7 @@ class Config:
     isolation: IsolationSection = IsolationSection()
     cgroup: CgroupSection = CgroupSection()
     logs: LogsSection = LogsSection()
+    persist: PersistSection = PersistSection()
 
     def default_limits(self) -> Limits:
         """Limits a job gets for every value its request leaves unset."""

@@ -37,6 +37,11 @@ from joblet.config import (
     IsolationSection,
     JobletSection,
     LogsSection,
+    PersistSection,
+    PersistServerSection,
+    PersistStorageSection,
+    PersistTlsSection,
+    RetentionSection,
     SecuritySection,
 )
 
@@ -52,6 +57,22 @@ _SECTIONS: tuple[type, ...] = (
     IsolationSection,
     CgroupSection,
     LogsSection,
+    # Nested ones before the sections holding them.
+    PersistTlsSection,
+    PersistServerSection,
+    RetentionSection,
+    PersistStorageSection,
+    PersistSection,
+)
+#: Sections whose keys keep their attribute names: the spec writes ``persist:`` in snake_case.
+_SNAKE_CASE: frozenset[type] = frozenset(
+    {
+        PersistSection,
+        PersistServerSection,
+        PersistTlsSection,
+        PersistStorageSection,
+        RetentionSection,
+    }
 )
 
 
@@ -156,16 +177,29 @@ def dump_default_config() -> str:
         if attrs.has(type(value)):
             lines.append(f"# {_doc(key)}")
             lines.append(f"{key}:")
-            for sub in attrs.fields(type(value)):
-                sub_key = _camel(sub.name)
-                for doc_line in _doc(f"{key}.{sub_key}").split("\n"):
-                    lines.append(f"  # {doc_line}")
-                lines.extend(_yaml_entry(sub_key, getattr(value, sub.name), sub.type, "  "))
+            lines.extend(_yaml_section(key, value, "  "))
         else:
             lines.append(f"# {_doc(key)}")
             lines.extend(_yaml_entry(key, value, field.type, ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def _yaml_section(path: str, section: Any, indent: str) -> list[str]:
+    """The keys of a section (and of the sections inside it), each after its comment."""
+    lines = []
+    for sub in attrs.fields(type(section)):
+        sub_key = _file_key(type(section), sub.name)
+        sub_path = f"{path}.{sub_key}"
+        for doc_line in _doc(sub_path).split("\n"):
+            lines.append(f"{indent}# {doc_line}")
+        value = getattr(section, sub.name)
+        if attrs.has(type(value)):
+            lines.append(f"{indent}{sub_key}:")
+            lines.extend(_yaml_section(sub_path, value, indent + "  "))
+        else:
+            lines.extend(_yaml_entry(sub_key, value, sub.type, indent))
+    return lines
 
 
 # --- the file's spelling --------------------------------------------------------------------------
@@ -174,6 +208,11 @@ def dump_default_config() -> str:
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _file_key(cls: type | None, name: str) -> str:
+    """The file's key for attribute ``name`` of section ``cls``."""
+    return name if cls in _SNAKE_CASE else _camel(name)
 
 
 _DOCS: dict[str, str] = {
@@ -213,6 +252,20 @@ _DOCS: dict[str, str] = {
     "logs.windowBytes": "Bytes of already-written output kept in memory per job for live readers.",
     "logs.flushInterval": "Longest time output waits in memory before it is written.",
     "logs.flushBytes": "Batch size that triggers a write before flushInterval ends.",
+    "persist": "The Persist Service: historical log and metric queries, retention (spec keys).",
+    "persist.server": "Where the Persist Service listens.",
+    "persist.server.grpc_socket": "Its Unix socket (mode 0600: the daemon's user only);\n"
+    "relative paths are under stateDir.",
+    "persist.server.tcp_address": "Address of the TCP listener (with tls.enabled).",
+    "persist.server.tcp_port": "Port of the TCP listener (with tls.enabled).",
+    "persist.server.tls": "The TCP listener: mutual TLS with the certificates of security.",
+    "persist.server.tls.enabled": "Also serve on TCP (viewer and admin clients may query).",
+    "persist.storage": "Persisted job data.",
+    "persist.storage.retention": "How long the files of ended jobs are kept.",
+    "persist.storage.retention.logs_days": "Days a job's log is kept after it ended (0 = forever).",
+    "persist.storage.retention.metrics_days": "Days a job's metrics are kept after it ended\n"
+    "(0 = forever).",
+    "persist.storage.retention.cleanup_interval": "Time between clean-ups (one at start-up).",
 }
 
 
@@ -323,6 +376,12 @@ def _show(value: object) -> str:
 def _int(value: object, _: object = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {_show(value)}")
+    return value
+
+
+def _bool(value: object, _: object = None) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
     return value
 
 
@@ -441,6 +500,12 @@ _CHECKS: dict[tuple[type, str], Callable[[Any], None]] = {
     (LogsSection, "window_bytes"): _at_least(0),
     (LogsSection, "flush_interval"): _positive,
     (LogsSection, "flush_bytes"): _positive,
+    (PersistServerSection, "grpc_socket"): _not_empty,
+    (PersistServerSection, "tcp_address"): _not_empty,
+    (PersistServerSection, "tcp_port"): _between(1, 65535),
+    (RetentionSection, "logs_days"): _at_least(0),
+    (RetentionSection, "metrics_days"): _at_least(0),
+    (RetentionSection, "cleanup_interval"): _positive,
 }
 
 
@@ -456,6 +521,7 @@ def _checked(base: Callable[[Any, Any], T], check: Callable[[T], None]) -> Calla
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     conv.register_structure_hook(int, _int)
+    conv.register_structure_hook(bool, _bool)
     conv.register_structure_hook(float, _duration)
     conv.register_structure_hook(str, _str)
     conv.register_structure_hook(Path, _path)
@@ -469,7 +535,7 @@ def _make_converter() -> cattrs.Converter:
             if check is not None:
                 base = conv.get_structure_hook(field.type)
                 hook = _checked(base, check)
-            overrides[field.name] = override(rename=_camel(field.name), struct_hook=hook)
+            overrides[field.name] = override(rename=_file_key(cls, field.name), struct_hook=hook)
         structure: Callable[[Any, Any], Any] = make_dict_structure_fn(
             cls, conv, _cattrs_forbid_extra_keys=True, **overrides
         )
@@ -501,14 +567,14 @@ _converter = _make_converter()
 def _describe(exc: BaseException, path: str) -> Iterator[str]:
     """Every problem in ``exc`` (cattrs' exception groups), as ``key.path: message`` lines."""
     if isinstance(exc, ForbiddenExtraKeysError):
-        known = [_camel(f.name) for f in attrs.fields(exc.cl)]
+        known = [_file_key(exc.cl, f.name) for f in attrs.fields(exc.cl)]
         for key in sorted(str(k) for k in exc.extra_fields):
             hint = difflib.get_close_matches(key, known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             yield f"{_join(path, key)}: unknown key{suggestion}"
     elif isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            yield from _describe(sub, _join(path, _note_key(sub)))
+            yield from _describe(sub, _join(path, _note_key(sub, getattr(exc, "cl", None))))
     elif isinstance(exc, _KeyedError):
         yield f"{path}{exc.suffix}: {exc}"
     elif isinstance(exc, Exception):
@@ -517,11 +583,11 @@ def _describe(exc: BaseException, path: str) -> Iterator[str]:
         raise exc
 
 
-def _note_key(exc: BaseException) -> str:
+def _note_key(exc: BaseException, cls: type | None = None) -> str:
     for note in getattr(exc, "__notes__", ()):
         name = getattr(note, "name", None)
         if isinstance(name, str):
-            return _camel(name)
+            return _file_key(cls, name)
     return ""
 
 

@@ -8,8 +8,10 @@
 
 ``serve`` keeps all of its state in one directory (``./state`` by default). On first start it
 creates ``<state>/certs/`` (a CA, the server's certificate and admin and viewer client
-certificates) and prints how to reach it with ``rnx``. SIGTERM or SIGINT stops it gracefully:
-running jobs are stopped, logs flushed, and it exits 0.
+certificates) and prints how to reach it with ``rnx``. Next to the main service it serves the
+Persist Service (historical log and metric queries) on ``<state>/run/persist-grpc.sock``, a Unix
+socket only root may use (see :mod:`joblet.rpc.persist_service`). SIGTERM or SIGINT stops it
+gracefully: running jobs are stopped, logs flushed, and it exits 0.
 
 Expected failures print one line, ``joblet: <message>``, and exit non-zero (2 for usage and
 configuration errors, 1 for the rest); never a traceback.
@@ -164,8 +166,13 @@ def _prepare_tls(config: Config) -> ssl.SSLContext:
 
 
 async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
-    """The daemon: the node, the gRPC server in its nursery, until SIGTERM or SIGINT."""
+    """The daemon: the node, the gRPC servers in its nursery, until SIGTERM or SIGINT.
+
+    The main server (JobService) and the Persist Service (its Unix socket and, with
+    ``persist.server.tls.enabled``, its TCP port) are started side by side in the node's nursery.
+    """
     from joblet.actors.root import open_node
+    from joblet.rpc.persist_service import PersistServer, PersistService, open_persist_listeners
     from joblet.rpc.server import GrpcServer, open_listener
     from joblet.rpc.service import JobService
 
@@ -175,12 +182,26 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
         listener = await open_listener(grpc.address, grpc.port)
     except OSError as exc:
         raise Fatal(f"cannot listen on {grpc.address}:{grpc.port}: {exc.strerror or exc}") from exc
+    try:
+        persist_listeners = await open_persist_listeners(config)
+    except OSError as exc:
+        await listener.aclose()
+        raise Fatal(f"persist service: {exc.strerror or exc}") from exc
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with listener:
+        async with listener, persist_listeners:
             async with open_node(config) as node:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
                 await node.nursery.start(server.run)
+                state = config.state_dir
+                persist = PersistService(
+                    state / "logs",
+                    state / "metrics",
+                    known_jobs=lambda: [job.id for job in node.engine.list_jobs()],
+                    max_send_msg_size=grpc.max_send_msg_size,
+                )
+                persist_server = PersistServer(persist, persist_listeners, ssl_context, config)
+                await node.nursery.start(persist_server.run)
                 async for signum in signals:
                     logfmt.info("shutdown requested", signal=signal.Signals(signum).name)
                     break

@@ -16,6 +16,11 @@ from joblet.config import (
     IsolationSection,
     JobletSection,
     LogsSection,
+    PersistSection,
+    PersistServerSection,
+    PersistStorageSection,
+    PersistTlsSection,
+    RetentionSection,
     SecuritySection,
 )
 from joblet.configfile import (
@@ -115,6 +120,18 @@ def test_every_key(tmp_path: Path) -> None:
           windowBytes: 0
           flushInterval: 1s
           flushBytes: 65536
+        persist:
+          server:
+            grpc_socket: /run/joblet/persist.sock
+            tcp_address: 127.0.0.1
+            tcp_port: 50099
+            tls:
+              enabled: true
+          storage:
+            retention:
+              logs_days: 7
+              metrics_days: 0
+              cleanup_interval: 1h
         """,
     )
     assert config == Config(
@@ -151,6 +168,17 @@ def test_every_key(tmp_path: Path) -> None:
         cgroup=CgroupSection(driver="v2", root="/mnt/cgroup", parent="joblet/test"),
         logs=LogsSection(
             memory_budget=1000000, window_bytes=0, flush_interval=1.0, flush_bytes=65536
+        ),
+        persist=PersistSection(
+            server=PersistServerSection(
+                grpc_socket="/run/joblet/persist.sock",
+                tcp_address="127.0.0.1",
+                tcp_port=50099,
+                tls=PersistTlsSection(enabled=True),
+            ),
+            storage=PersistStorageSection(
+                retention=RetentionSection(logs_days=7, metrics_days=0, cleanup_interval=3600.0)
+            ),
         ),
     )
     # Every attribute was set to something other than its default.
@@ -279,7 +307,11 @@ def test_bad_values(tmp_path: Path, text: str, problem: str) -> None:
             "joblet:\n  default_cpu_limit: 5\n",
             "joblet.default_cpu_limit: unknown key (did you mean 'defaultCpuLimit'?)",
         ),
-        ("persist:\n  ipc: {}\n", "persist: unknown key"),
+        ("persist:\n  ipc: {}\n", "persist.ipc: unknown key"),
+        (
+            "persist:\n  server:\n    grpcSocket: x\n",
+            "persist.server.grpcSocket: unknown key (did you mean 'grpc_socket'?)",
+        ),
         ("statedir: x\n", "statedir: unknown key (did you mean 'stateDir'?)"),
         ("logs:\n  zzz: 1\n", "logs.zzz: unknown key"),
         ("grpc:\n  1: 1\n", "grpc.1: unknown key"),
@@ -425,3 +457,83 @@ def test_negative_numbers_are_not_durations() -> None:
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == pytest.approx(seconds)
+
+
+# --- persist: the spec's snake_case keys, three levels deep ---------------------------------------
+
+
+def test_the_spec_persist_example_loads(tmp_path: Path) -> None:
+    config = _load(
+        tmp_path,
+        """
+        persist:
+          server:
+            grpc_socket: "/opt/joblet/run/persist-grpc.sock"
+            tls:
+              enabled: false  # Optional for external access
+          storage:
+            retention:
+              logs_days: 30        # Keep logs for 30 days
+              metrics_days: 90     # Keep metrics for 90 days
+              cleanup_interval: "24h"  # Run cleanup daily
+        """,
+    )
+    assert config.persist == attrs.evolve(
+        PersistSection(),
+        server=PersistServerSection(grpc_socket="/opt/joblet/run/persist-grpc.sock"),
+    )
+    assert config.persist.storage.retention == RetentionSection(30, 90, 86400.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "persist:\n  server:\n    tcp_port: 0\n",
+            "persist.server.tcp_port: must be between 1 and 65535 (got 0)",
+        ),
+        (
+            "persist:\n  server:\n    grpc_socket: ''\n",
+            "persist.server.grpc_socket: must not be empty",
+        ),
+        (
+            "persist:\n  server:\n    tls:\n      enabled: 'yes'\n",
+            "persist.server.tls.enabled: expected true or false, got 'yes'",
+        ),
+        (
+            "persist:\n  server:\n    tls: true\n",
+            "persist.server.tls: expected a mapping, got true",
+        ),
+        (
+            "persist:\n  storage:\n    retention:\n      logs_days: -1\n",
+            "persist.storage.retention.logs_days: must not be negative (got -1)",
+        ),
+        (
+            "persist:\n  storage:\n    retention:\n      metrics_days: 1.5\n",
+            "persist.storage.retention.metrics_days: expected an integer, got 1.5",
+        ),
+        (
+            "persist:\n  storage:\n    retention:\n      cleanup_interval: 0s\n",
+            "persist.storage.retention.cleanup_interval: must be positive (got 0s)",
+        ),
+        (
+            "persist:\n  storage:\n    retention:\n      logsDays: 1\n",
+            "persist.storage.retention.logsDays: unknown key (did you mean 'logs_days'?)",
+        ),
+    ],
+)
+def test_bad_persist_values(tmp_path: Path, text: str, problem: str) -> None:
+    assert _problems(tmp_path, text) == [problem]
+
+
+def test_default_config_shows_the_persist_keys_as_the_spec_writes_them() -> None:
+    parsed = yaml.safe_load(dump_default_config())
+    assert parsed["persist"] == {
+        "server": {
+            "grpc_socket": "run/persist-grpc.sock",
+            "tcp_address": "0.0.0.0",
+            "tcp_port": 50052,
+            "tls": {"enabled": False},
+        },
+        "storage": {"retention": {"logs_days": 30, "metrics_days": 90, "cleanup_interval": "24h"}},
+    }
