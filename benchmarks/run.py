@@ -6,8 +6,9 @@ Engine (in-process harness, no gRPC):
   waited for before the next), next to ``unshare --pid --fork --mount-proc /bin/true`` (spawn to
   exit) and the bare stage-1 interpreter (``python -I -S -c pass``), run as many times; a few
   starts after a pause (as a lone request meets them); then the same number of starts at once
-  (wall time until all are RUNNING), next to as many ``unshare`` processes spawned at once. ``--breakdown [N]`` adds where the time of a start goes, from
-  timestamps taken along the way over N more jobs (see :func:`start_breakdown`);
+  (wall time until all are RUNNING), next to as many ``unshare`` processes spawned at once.
+  ``--breakdown [N]`` adds where the time of a start goes, from timestamps taken along the way
+  over N more jobs (see :func:`start_breakdown`);
 - ``logs``: MB/s of one job's output delivered to a live subscriber and written to disk (the clock
   stops once the log files are fsynced and closed, and their content is checked afterwards), next
   to ``gzip -1`` on the same bytes.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -503,6 +505,15 @@ def call_rate(
     )
 
 
+_STARTED = re.compile(r"job started successfully \| jobId=(\S+) .*\bduration=(\d+)ms")
+
+
+def daemon_start_times(log: str, job_ids: set[str]) -> list[float]:
+    """The start durations (ms, whole) the daemon logged for these jobs ("job started ...")."""
+    found = (_STARTED.search(line) for line in log.splitlines())
+    return [float(m[2]) for m in found if m and m[1] in job_ids]
+
+
 @contextmanager
 def trivial_server(certs: CertPaths, response: Any) -> Iterator[tuple[int, int]]:
     """Run benchmarks/trivial_server.py; yields its (port, pid)."""
@@ -536,11 +547,13 @@ def bench_grpc(args: argparse.Namespace, results: Results) -> None:
             with open_channel(daemon.port, certs) as channel:
                 stub = pb_grpc.JobServiceStub(channel)
                 lat: list[float] = []
+                ids: set[str] = set()
                 for i in range(WARMUP + n):
                     t0 = time.perf_counter()
                     res = stub.RunJob(pb.RunJobReq(command="true"), timeout=CALL_TIMEOUT)
                     if i >= WARMUP:
                         lat.append(ms(t0))
+                        ids.add(res.id)
                     assert res.status == "RUNNING", res
                     # The log stream ends when the job has ended: one job at a time.
                     for _ in stub.GetJobLogs(pb.GetJobLogsReq(id=res.id), timeout=CALL_TIMEOUT):
@@ -559,6 +572,14 @@ def bench_grpc(args: argparse.Namespace, results: Results) -> None:
                 engine + " p99",
                 f"{results['engine_p99']:.1f} ms" if "engine_p99" in results else "not run",
             )
+            inside = daemon_start_times(daemon.log(), ids)
+            if inside:
+                row(
+                    "  of which inside the daemon's job actor p50",
+                    f"{statistics.median(inside):.0f} ms",
+                    "  the rest (gRPC, TLS, client) p50",
+                    f"{statistics.median(lat) - statistics.median(inside):.0f} ms",
+                )
             row("target p50", "<= 25 ms")
 
         with (
