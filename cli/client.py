@@ -280,6 +280,35 @@ class JobClient:
             raise ProtocolFailure(f"protocol error: {exc}") from None
         return total
 
+    async def stream_metrics(
+        self, job_id: str, sink: Callable[[pb.JobMetricsSample], object]
+    ) -> int:
+        """Pass a job's metrics samples to ``sink``, one by one, until the server ends the stream.
+
+        The server sends the samples taken so far, then live ones, and ends the stream when the
+        job has ended. Exceptions raised by ``sink`` propagate unchanged.
+
+        Returns:
+            The number of samples passed to ``sink``.
+        """
+        self._socket.raise_if_lost()
+        count = 0
+        try:
+            call: AsyncGenerator[pb.JobMetricsSample, None] = self._stub.GetJobMetrics(
+                pb.JobMetricsRequest(id=job_id)
+            )
+            async with aclosing(call) as samples:
+                async for sample in samples:
+                    count += 1
+                    sink(sample)
+        except purerpc.RpcFailedError as exc:
+            raise _rpc_error(exc) from None
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._socket.lost_error() from None
+        except purerpc.ProtocolError as exc:
+            raise ProtocolFailure(f"protocol error: {exc}") from None
+        return count
+
     async def _unary(self, method: Callable[[Any], Awaitable[_T]], request: object) -> _T:
         self._socket.raise_if_lost()
         try:

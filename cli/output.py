@@ -114,6 +114,55 @@ def render_job_end(job: pb.GetJobStatusRes) -> str:
     return f"Job {job.uuid} {job.status} ({details})"
 
 
+def format_bytes(n: float) -> str:
+    """A byte count as the spec writes sizes: ``256MB``, ``1.2MB``, ``0B`` (powers of 1024)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            if unit == "B":
+                return f"{value:.0f}B"
+            return f"{value:.1f}{unit}" if abs(value) < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """A rate as the spec writes it: ``10MB/s``, ``1.2MB/s``."""
+    return format_bytes(bytes_per_second) + "/s"
+
+
+def render_metrics(sample: pb.JobMetricsSample) -> str:
+    """The spec's block for one sample of ``rnx job metrics``, ending with a blank line.
+
+    The ``Network`` line is there only for a job with its own network namespace (a job on the
+    host's network has no traffic of its own to show).
+    """
+    lines = [
+        f"Timestamp: {sample.timestamp}",
+        f"CPU: {sample.cpu.usagePercent:.1f}%, Memory: {format_bytes(sample.memory.current)}, "
+        f"I/O Read: {format_rate(sample.io.readBps)}, I/O Write: {format_rate(sample.io.writeBps)}",
+    ]
+    if sample.HasField("network"):
+        lines.append(
+            f"Network RX: {format_rate(sample.network.rxBps)}, "
+            f"Network TX: {format_rate(sample.network.txBps)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def metrics_to_json(sample: pb.JobMetricsSample) -> str:
+    """One sample as a single line of JSON (``rnx --json job metrics`` prints JSON Lines).
+
+    The message's fields as :func:`to_json` gives them, except that a metric type the sample does
+    not have (``network`` of a job on the host's network) is ``null`` rather than zeros.
+    """
+    data = message_to_dict(sample)
+    for name in ("cpu", "memory", "io", "network", "process"):
+        if not sample.HasField(name):
+            data[name] = None
+    return json.dumps(data, ensure_ascii=False)
+
+
 def to_json(value: Any) -> str:
     """A message, or a list of messages, as indented JSON."""
     if isinstance(value, list | tuple):

@@ -5,6 +5,7 @@ Synopsis::
     rnx [GLOBAL OPTIONS] job run [--max-cpu N] [--max-memory MB] [--max-iobps BPS] [--cpu-cores SET]
                                  [--env K=V ...] [--network host|none] [--wait] COMMAND [ARGS...]
     rnx [GLOBAL OPTIONS] job status|stop|log JOB_ID
+    rnx [GLOBAL OPTIONS] job metrics [--chart] JOB_ID
     rnx [GLOBAL OPTIONS] job list
 
 Global options (``--server``, ``--cert``, ``--key``, ``--ca``, ``--json``) may come anywhere
@@ -34,12 +35,20 @@ Decisions where the spec is silent:
   exactly the job's output. A closed stdout (``| head -1``) ends ``rnx`` quietly with status 0;
   Ctrl+C ends it quietly with status 130.
 - ``job list`` prints nothing when there are no jobs (``--json``: ``[]``).
+- ``job metrics`` prints each sample as it comes, in the spec's block (``Timestamp:`` / ``CPU:
+  ..., Memory: ..., I/O Read: ..., I/O Write: ...`` / ``Network RX: ..., Network TX: ...`` only
+  for a job with its own network / a blank line), until the job ends; with ``--json`` one JSON
+  object per line (JSON Lines, ``jq -c '.cpu.usagePercent'`` works as the spec shows). ``--chart``
+  waits for the job to end (at once for an ended job), then draws its CPU and memory history as
+  wide as the terminal (:mod:`cli.chart`); it is printed once, not redrawn, so it also works in a
+  pipe or a log file. ``--chart`` with ``--json`` is a usage error.
 - Job ids may be any unique prefix; the server resolves them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +60,7 @@ import trio
 from cyclopts import App, CycloptsError, Group, Parameter, validators
 
 import joblet
+from cli import chart as metrics_chart
 from cli import output
 from cli.client import (
     CallTimedOut,
@@ -326,6 +336,43 @@ def job_log(job_id: str, /, *, opts: _Globals) -> int:
             _note(f"Logs for job {job_id} (Press Ctrl+C to exit if streaming):")
         _begin_binary_output()
         await client.stream_logs(job_id, _write_bytes)
+        return EXIT_OK
+
+    return _with_client(opts, action)
+
+
+@job_app.command(name="metrics")
+def job_metrics(
+    job_id: str,
+    /,
+    *,
+    chart: Annotated[bool, Parameter(negative="")] = False,
+    opts: _Globals,
+) -> int:
+    """Stream a job's resource usage (CPU, memory, I/O, network) until the job ends.
+
+    Prints every sample taken so far, then live samples. Ctrl+C stops following.
+
+    Args:
+        job_id: The job's id, or a unique prefix of it.
+        chart: Instead, draw the job's CPU and memory history once it has ended (at once for an
+            ended job).
+    """
+    if chart and opts.json:
+        raise UsageError("--chart cannot be combined with --json")
+
+    async def action(client: JobClient) -> int:
+        if chart:
+            samples: list[pb.JobMetricsSample] = []
+            await client.stream_metrics(job_id, samples.append)
+            width = shutil.get_terminal_size().columns
+            _print(metrics_chart.render_chart(samples, width))
+            return EXIT_OK
+
+        def show(sample: pb.JobMetricsSample) -> None:
+            _print(output.metrics_to_json(sample) if opts.json else output.render_metrics(sample))
+
+        await client.stream_metrics(job_id, show)
         return EXIT_OK
 
     return _with_client(opts, action)

@@ -115,6 +115,20 @@ class LogsSection:
 
 
 @attrs.frozen
+class MetricsSection:
+    """Per-job resource metrics (GetJobMetrics; stored under ``<state>/metrics``).
+
+    Attributes:
+        interval: Time between two samples of a running job (one more is taken when it starts
+            and one when it ends).
+        enabled: Whether jobs are sampled at all.
+    """
+
+    interval: float = 5.0
+    enabled: bool = True
+
+
+@attrs.frozen
 class PersistTlsSection:
     """``persist.server.tls``: the Persist Service on TCP with mutual TLS.
 
@@ -186,6 +200,7 @@ class Config:
     isolation: IsolationSection = IsolationSection()
     cgroup: CgroupSection = CgroupSection()
     logs: LogsSection = LogsSection()
+    metrics: MetricsSection = MetricsSection()
     persist: PersistSection = PersistSection()
 
     def default_limits(self) -> Limits:

@@ -37,6 +37,7 @@ from joblet.config import (
     IsolationSection,
     JobletSection,
     LogsSection,
+    MetricsSection,
     PersistSection,
     PersistServerSection,
     PersistStorageSection,
@@ -57,6 +58,7 @@ _SECTIONS: tuple[type, ...] = (
     IsolationSection,
     CgroupSection,
     LogsSection,
+    MetricsSection,
     # Nested ones before the sections holding them.
     PersistTlsSection,
     PersistServerSection,
@@ -252,6 +254,9 @@ _DOCS: dict[str, str] = {
     "logs.windowBytes": "Bytes of already-written output kept in memory per job for live readers.",
     "logs.flushInterval": "Longest time output waits in memory before it is written.",
     "logs.flushBytes": "Batch size that triggers a write before flushInterval ends.",
+    "metrics": "Per-job resource metrics (GetJobMetrics), stored under stateDir/metrics.",
+    "metrics.interval": "Time between samples of a running job (and one at its start and end).",
+    "metrics.enabled": "Whether jobs are sampled at all.",
     "persist": "The Persist Service: historical log and metric queries, retention (spec keys).",
     "persist.server": "Where the Persist Service listens.",
     "persist.server.grpc_socket": "Its Unix socket (mode 0600: the daemon's user only);\n"
@@ -500,6 +505,7 @@ _CHECKS: dict[tuple[type, str], Callable[[Any], None]] = {
     (LogsSection, "window_bytes"): _at_least(0),
     (LogsSection, "flush_interval"): _positive,
     (LogsSection, "flush_bytes"): _positive,
+    (MetricsSection, "interval"): _positive,
     (PersistServerSection, "grpc_socket"): _not_empty,
     (PersistServerSection, "tcp_address"): _not_empty,
     (PersistServerSection, "tcp_port"): _between(1, 65535),

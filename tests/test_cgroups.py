@@ -343,7 +343,9 @@ async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None
         assert _exists(procs)
     assert driver.pids(job_id) == []
     assert driver.oom_killed(job_id) is False
-    assert driver.stats(job_id).pids_current == 0
+    stats = driver.stats(job_id)
+    assert stats.pids_current == 0
+    assert (stats.memory_limit, stats.pids_limit, stats.oom_kills) == (64 * MIB, 20, 0)
 
     driver.remove(job_id)
     assert driver.job_groups() == []
@@ -369,6 +371,7 @@ async def test_zero_limits_mean_unlimited(jobs: Jobs) -> None:
         assert _read(group / "pids.max") == "max"
         if (group / "io.max").exists():
             assert _read(group / "io.max") == ""
+    assert (driver.stats(job_id).memory_limit, driver.stats(job_id).pids_limit) == (0, 0)
     driver.remove(job_id)
 
 
@@ -440,6 +443,7 @@ async def test_memory_limit_oom_kills_and_is_reported(jobs: Jobs) -> None:
         assert await proc.wait() == -signal.SIGKILL
         assert jobs.driver.oom_killed(hog) is True
         assert jobs.driver.stats(hog).memory_peak <= 64 * MIB
+        assert jobs.driver.stats(hog).oom_kills >= 1
         await jobs.finish(hog)
 
         modest = jobs.create(Limits(memory_mb=64))

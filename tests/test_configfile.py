@@ -16,6 +16,7 @@ from joblet.config import (
     IsolationSection,
     JobletSection,
     LogsSection,
+    MetricsSection,
     PersistSection,
     PersistServerSection,
     PersistStorageSection,
@@ -120,6 +121,9 @@ def test_every_key(tmp_path: Path) -> None:
           windowBytes: 0
           flushInterval: 1s
           flushBytes: 65536
+        metrics:
+          interval: 250ms
+          enabled: false
         persist:
           server:
             grpc_socket: /run/joblet/persist.sock
@@ -169,6 +173,7 @@ def test_every_key(tmp_path: Path) -> None:
         logs=LogsSection(
             memory_budget=1000000, window_bytes=0, flush_interval=1.0, flush_bytes=65536
         ),
+        metrics=MetricsSection(interval=0.25, enabled=False),
         persist=PersistSection(
             server=PersistServerSection(
                 grpc_socket="/run/joblet/persist.sock",
@@ -289,6 +294,9 @@ def _camel(name: str) -> str:
         ("logs:\n  windowBytes: -1\n", "logs.windowBytes: must not be negative (got -1)"),
         ("logs:\n  flushInterval: 0ms\n", "logs.flushInterval: must be positive (got 0s)"),
         ("logs:\n  flushBytes: 0\n", "logs.flushBytes: must be positive (got 0)"),
+        ("metrics:\n  interval: 0s\n", "metrics.interval: must be positive (got 0s)"),
+        ("metrics:\n  enabled: 1\n", "metrics.enabled: expected true or false, got 1"),
+        ("metrics:\n  enabled: 'no'\n", "metrics.enabled: expected true or false, got 'no'"),
     ],
 )
 def test_bad_values(tmp_path: Path, text: str, problem: str) -> None:

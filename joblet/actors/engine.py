@@ -7,7 +7,7 @@ jobs. Ids are UUIDv4; any unique prefix of an id resolves to its job.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import trio
@@ -15,6 +15,7 @@ import trio
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
 from joblet.errors import AmbiguousJobId, JobNotFound, ResourceExhausted, ShuttingDown
+from joblet.metrics import MetricsSample
 from joblet.model import JobInfo, JobSpec
 from joblet.store.logindex import Chunk
 
@@ -149,3 +150,24 @@ class Engine:
         async with aclosing(actor.log.follow(offset)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def follow_metrics(self, ref: str) -> AsyncGenerator[MetricsSample, None]:
+        """The job's metrics samples: what is stored, then live ones until the job ends.
+
+        A job that has ended (also before a daemon restart) gets its stored samples only. Like
+        :meth:`follow_log`, the samples end once the job's final status is known.
+
+        Raises:
+            JobNotFound: No such job (raised at the first iteration).
+            AmbiguousJobId: The prefix matches several jobs.
+        """
+        job_id = self.get(ref).id
+        async with aclosing(self._ctx.metrics.follow(job_id)) as samples:
+            async for sample in samples:
+                yield sample
+        try:
+            # The sampler ends before the job's cleanup does: wait for it, so that the job's
+            # status is final once its samples end (as with follow_log).
+            await self.wait_job(job_id)
+        except JobNotFound:
+            pass  # deleted meanwhile: its samples were all given

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
 from joblet.config import Config
 from joblet.errors import StartFailed
@@ -43,6 +44,8 @@ class JobContext:
         budget: The memory budget for not-yet-persisted log data, shared by all jobs.
         jobs_dir: Where per-job directories (root mount point, /work) live.
         logs_dir: Where persisted logs live.
+        metrics_dir: Where persisted metrics live (``<state>/metrics``).
+        metrics: The job samplers and their followers.
         init: Path of the job PID 1 binary (dumb-init).
         unshare: Path of util-linux unshare.
         node_id: This node's id.
@@ -54,6 +57,8 @@ class JobContext:
     budget: LogBudget
     jobs_dir: Path
     logs_dir: Path
+    metrics_dir: Path
+    metrics: MetricsHub
     init: str
     unshare: str
     node_id: str
@@ -80,6 +85,7 @@ class JobActor:
             window_bytes=ctx.config.logs.window_bytes,
             reader=lambda: LogFileReader(ctx.logs_dir / job_id),
         )
+        self.metrics = ctx.metrics.sampler(job_id, own_network=spec.network != "host")
         self.pid = 0
         self._pumps_left = 2
         self._pumps_done = trio.Event()
@@ -200,6 +206,8 @@ class JobActor:
             nursery.start_soon(self._pump, proc.stdout, STDOUT)
             nursery.start_soon(self._pump, proc.stderr, STDERR)
             nursery.start_soon(self._stopper, proc)
+            # Cancelled with the nursery below, it takes the final sample before cleanup.
+            nursery.start_soon(self.metrics.run)
             with trio.move_on_after(max(0.0, deadline - time.time())) as timeout:
                 await proc.wait()
             if timeout.cancelled_caught:
@@ -272,6 +280,7 @@ class JobActor:
                 await self._kill_all()
         self.log.close()
         ctx.persist.close_job(self.id)
+        self.metrics.close()
         try:
             ctx.driver.remove(self.id)
         except OSError as e:

@@ -19,6 +19,7 @@ import trio
 from joblet import logfmt
 from joblet.actors.engine import Engine
 from joblet.actors.job import JobContext
+from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
@@ -73,6 +74,7 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     state = config.state_dir.resolve()
     (state / "jobs").mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(parents=True, exist_ok=True)
+    (state / "metrics").mkdir(parents=True, exist_ok=True)
     driver = detect_driver(config.cgroup)
     driver.setup()
     persist = PersistActor(state / "logs", config.logs)
@@ -83,6 +85,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         budget=LogBudget(config.logs.memory_budget),
         jobs_dir=state / "jobs",
         logs_dir=state / "logs",
+        metrics_dir=state / "metrics",
+        metrics=MetricsHub(state / "metrics", config.metrics, driver),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
         node_id=load_node_id(state),

@@ -20,6 +20,9 @@ import math
 from collections.abc import Iterable
 from typing import TypedDict
 
+from google.protobuf.descriptor import FieldDescriptor
+
+from joblet.metrics import MetricsSample
 from joblet.model import JobInfo
 from joblet.rpc._gen import joblet_pb2 as pb
 
@@ -152,6 +155,81 @@ def spec_fields_from_run_req(req: pb.RunJobReq) -> RunRequestFields:
         network=req.network,
         name=req.name,
     )
+
+
+# Wire field of each Job*Metrics message -> the sample's value name (see joblet.metrics); fields
+# whose name ends in "Percent" or "Bps" are doubles, the others integers.
+_METRIC_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "cpu": (
+        ("usagePercent", "cpu_percent"),
+        ("usageUsec", "cpu_usage_usec"),
+        ("userUsec", "cpu_user_usec"),
+        ("systemUsec", "cpu_system_usec"),
+        ("nrPeriods", "cpu_nr_periods"),
+        ("nrThrottled", "cpu_nr_throttled"),
+        ("throttledUsec", "cpu_throttled_usec"),
+    ),
+    "memory": (
+        ("current", "memory_current"),
+        ("peak", "memory_peak"),
+        ("limit", "memory_limit"),
+        ("anon", "memory_anon"),
+        ("file", "memory_file"),
+        ("pgFault", "memory_pgfault"),
+        ("pgMajFault", "memory_pgmajfault"),
+        ("oomKills", "memory_oom_kills"),
+    ),
+    "io": (
+        ("readBytes", "io_read_bytes"),
+        ("writeBytes", "io_write_bytes"),
+        ("readOps", "io_read_ops"),
+        ("writeOps", "io_write_ops"),
+        ("readBps", "io_read_bps"),
+        ("writeBps", "io_write_bps"),
+    ),
+    "network": (
+        ("rxBytes", "net_rx_bytes"),
+        ("txBytes", "net_tx_bytes"),
+        ("rxPackets", "net_rx_packets"),
+        ("txPackets", "net_tx_packets"),
+        ("rxBps", "net_rx_bps"),
+        ("txBps", "net_tx_bps"),
+    ),
+    "process": (
+        ("count", "process_count"),
+        ("threads", "process_threads"),
+        ("openFds", "process_open_fds"),
+        ("pidsLimit", "process_pids_limit"),
+    ),
+}
+
+
+def metrics_sample_to_pb(job_id: str, sample: MetricsSample) -> pb.JobMetricsSample:
+    """The ``JobMetricsSample`` for one sample of a job.
+
+    A metric type the sample does not have (``network`` of a job on the host's network) is left
+    unset, so clients can tell "not measured" from zero.
+    """
+    msg = pb.JobMetricsSample(
+        jobId=job_id,
+        timestamp=rfc3339(sample.timestamp_ns / 1e9),
+        timestampUnixNano=clamp_int64(sample.timestamp_ns),
+    )
+    for metric_type, fields in _METRIC_FIELDS.items():
+        values = sample.values.get(metric_type)
+        if values is None:
+            continue
+        part = getattr(msg, metric_type)
+        part.SetInParent()
+        for field, name in fields:
+            value = values.get(name, 0.0)
+            if field.endswith(("Percent", "Bps")):
+                setattr(part, field, value if math.isfinite(value) else 0.0)
+            else:
+                is_int32 = part.DESCRIPTOR.fields_by_name[field].type == FieldDescriptor.TYPE_INT32
+                number = int(value) if math.isfinite(value) else 0
+                setattr(part, field, clamp_int32(number) if is_int32 else clamp_int64(number))
+    return msg
 
 
 def _fill_job(msg: pb.Job | pb.RunJobRes, info: JobInfo) -> None:

@@ -1,14 +1,15 @@
 """``joblet.JobService``: the RPCs, from protobuf requests to engine calls and back.
 
-RunJob, GetJobStatus, StopJob, ListJobs and GetJobLogs are implemented; every other RPC of the
-proto answers UNIMPLEMENTED (``CancelJob is not implemented yet``). Who may call what is checked
-before a handler runs (:mod:`joblet.rpc.server`, :mod:`joblet.rpc.auth`); what a handler raises
-becomes a status in :mod:`joblet.rpc.errors`.
+RunJob, GetJobStatus, StopJob, ListJobs, GetJobLogs and GetJobMetrics are implemented; every
+other RPC of the proto answers UNIMPLEMENTED (``CancelJob is not implemented yet``). Who may call
+what is checked before a handler runs (:mod:`joblet.rpc.server`, :mod:`joblet.rpc.auth`); what a
+handler raises becomes a status in :mod:`joblet.rpc.errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any, Protocol
 
 import trio
@@ -16,6 +17,7 @@ import trio
 from joblet import logfmt
 from joblet.config import Config
 from joblet.errors import InvalidRequest, JobletError
+from joblet.metrics import MetricsSample
 from joblet.model import JobInfo, JobSpec
 from joblet.rpc import auth, convert
 from joblet.rpc._gen import joblet_grpc
@@ -55,6 +57,10 @@ class JobEngine(Protocol):
         """The job's output from ``offset``: what exists, then live, until the job ends."""
         ...
 
+    def follow_metrics(self, ref: str) -> AsyncGenerator[MetricsSample, None]:
+        """The job's metrics samples: what is stored, then live ones until the job ends."""
+        ...
+
 
 class JobService:
     """The implementation of ``joblet.JobService``.
@@ -82,6 +88,7 @@ class JobService:
             "StopJob": self.stop_job,
             "ListJobs": self.list_jobs,
             "GetJobLogs": self.get_job_logs,
+            "GetJobMetrics": self.get_job_metrics,
         }
 
     async def run_job(self, req: Any) -> Any:
@@ -175,6 +182,18 @@ class JobService:
                 aclose = getattr(follower, "aclose", None)
                 if aclose is not None:
                     await aclose()
+
+    async def get_job_metrics(self, req: Any, send: Send) -> None:
+        """GetJobMetrics: every sample so far, then live samples until the job ends.
+
+        One message per sample. A slow client never holds up the job's sampler: it catches up
+        from the stored samples (:mod:`joblet.actors.metrics`). If the client goes away the call
+        is cancelled, which closes the engine's follower.
+        """
+        job = self._engine.get(_job_ref(req.id))  # unknown or ambiguous: fail before streaming
+        async with aclosing(self._engine.follow_metrics(job.id)) as samples:
+            async for sample in samples:
+                await send(convert.metrics_sample_to_pb(job.id, sample))
 
 
 def _job_ref(ref: str) -> str:

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -189,22 +189,22 @@ class MetricsWriter:
     Use from one thread at a time. If the file exists (a writer reopened after a restart), a torn
     tail is cut off and the writer continues after the last complete member.
 
+    The file is opened for each write and closed again: appends come seconds apart, and a
+    daemon with many running jobs should not hold a descriptor per job for this.
+
     Args:
         path: The metrics file (see :func:`metrics_path`); its directory is created if missing.
-
-    Owns one file descriptor, released by :meth:`close`.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
-            self._size = _valid_extent(self._fd)
-            os.ftruncate(self._fd, self._size)
-        except BaseException:
-            os.close(self._fd)
-            raise
+            self._size = _valid_extent(fd)
+            os.ftruncate(fd, self._size)
+        finally:
+            os.close(fd)
         self._closed = False
 
     @property
@@ -228,31 +228,36 @@ class MetricsWriter:
                 if not math.isfinite(v):
                     raise ValueError(f"metric {name} is not finite: {v!r}")
         member = encode_member(records)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             written = 0
             while written < len(member):
-                written += os.pwrite(self._fd, member[written:], self._size + written)
+                written += os.pwrite(fd, member[written:], self._size + written)
         except BaseException:
             try:
-                os.ftruncate(self._fd, self._size)
+                os.ftruncate(fd, self._size)
             except OSError:
                 pass  # a torn member is ignored by readers and cut by the next writer
             raise
+        finally:
+            os.close(fd)
         self._size += len(member)
 
     def sync(self) -> None:
-        """fsync the file."""
-        os.fsync(self._fd)
+        """fsync the file (it survives a power loss up to here)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    def close(self) -> None:
-        """fsync and close the file; idempotent."""
+    def close(self, *, fsync: bool = True) -> None:
+        """fsync the file (unless told not to) and refuse further appends; idempotent."""
         if self._closed:
             return
         self._closed = True
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
+        if fsync:
+            self.sync()
 
 
 def _valid_extent(fd: int) -> int:
@@ -262,20 +267,3 @@ def _valid_extent(fd: int) -> int:
         chunks.append(block)
         pos += len(block)
     return decode_members(b"".join(chunks))[1]
-
-
-def group_by_timestamp(
-    records: Iterable[MetricRecord],
-) -> list[tuple[int, dict[str, Mapping[str, float]]]]:
-    """Records grouped into samples: ``(timestamp_ns, {metric_type: values})``, in first-seen order.
-
-    Records of one sample are written together, so consecutive records with the same timestamp
-    form one sample.
-    """
-    out: list[tuple[int, dict[str, Mapping[str, float]]]] = []
-    for r in records:
-        if out and out[-1][0] == r.timestamp_ns:
-            out[-1][1][r.metric_type] = r.values
-        else:
-            out.append((r.timestamp_ns, {r.metric_type: r.values}))
-    return out

@@ -78,6 +78,8 @@ V2_REQUIRED: tuple[str, ...] = ("cpu", "memory", "pids")
 V2_CONTROLLERS: tuple[str, ...] = ("cpuset", "cpu", "io", "memory", "pids")
 
 _MIB = 1 << 20
+#: v1 shows an unlimited memory limit as a huge number (about 2**63, rounded down to pages).
+_V1_UNLIMITED = 1 << 62
 # A job id becomes a directory name: one path component, never "." or "..".
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CPU_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -109,6 +111,9 @@ class CgroupStats:
         io_read_ops: Read operations on block devices.
         io_write_ops: Write operations on block devices.
         pids_current: Tasks (processes and threads) in the group now.
+        memory_limit: The memory limit in bytes; 0 when unlimited.
+        oom_kills: Processes of the group the kernel's OOM killer has killed.
+        pids_limit: Most tasks the group may hold; 0 when unlimited.
     """
 
     cpu_usage_usec: int = 0
@@ -128,6 +133,9 @@ class CgroupStats:
     io_read_ops: int = 0
     io_write_ops: int = 0
     pids_current: int = 0
+    memory_limit: int = 0
+    oom_kills: int = 0
+    pids_limit: int = 0
 
 
 def detect_driver(cfg: CgroupSection) -> CgroupDriver:
@@ -649,6 +657,9 @@ class V1Driver(CgroupDriver):
             io_read_ops=read_ops,
             io_write_ops=write_ops,
             pids_current=_int_or(_read_or(self._dir("pids", job_id) / "pids.current")),
+            memory_limit=_v1_limit(_int_or(_read_or(mem / "memory.limit_in_bytes"))),
+            oom_kills=_flat_keyed(_read_or(mem / "memory.oom_control")).get("oom_kill", 0),
+            pids_limit=_int_or(_read_or(self._dir("pids", job_id) / "pids.max")),
         )
 
     def available_cpus(self) -> set[int]:
@@ -712,6 +723,11 @@ def _inherit_cpuset(upper: Path, group: Path, *, cpus: str = "") -> None:
         if not value and _read_or(group / name).strip():
             continue  # already set: keep what an administrator chose for the parent
         _write(group / name, value or _read_or(upper / name).strip())
+
+
+def _v1_limit(value: int) -> int:
+    """A v1 byte limit, 0 for "unlimited" (the kernel shows PAGE_COUNTER_MAX pages in bytes)."""
+    return 0 if value >= _V1_UNLIMITED else value
 
 
 def _blkio_rw(group: Path, name: str) -> tuple[int, int]:
@@ -910,6 +926,9 @@ class V2Driver(CgroupDriver):
             io_read_ops=io["rios"],
             io_write_ops=io["wios"],
             pids_current=_int_or(_read_or(group / "pids.current")),
+            memory_limit=_int_or(_read_or(group / "memory.max")),  # "max": 0
+            oom_kills=_flat_keyed(_read_or(group / "memory.events")).get("oom_kill", 0),
+            pids_limit=_int_or(_read_or(group / "pids.max")),
         )
 
     def available_cpus(self) -> set[int]:
