@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from joblet.config import Config, JobletSection, MetricsSection
+from joblet.config import Config, JobletSection, LogsSection, MetricsSection
 from joblet.harness import Harness, open_harness
 
 IN_CI = os.environ.get("CI") == "true"
@@ -57,15 +57,18 @@ def processes_in_cgroup_named(name: str) -> list[int]:
     return pids
 
 
-def make_config(*, metrics: MetricsSection | None = None, **joblet: Any) -> Config:
+def make_config(
+    *, metrics: MetricsSection | None = None, logs: LogsSection | None = None, **joblet: Any
+) -> Config:
     """A config for tests: short timeouts, everything else default.
 
     Args:
         metrics: The ``metrics:`` section (default: the default section).
+        logs: The ``logs:`` section (default: the default section).
         joblet: ``JobletSection`` fields.
     """
     section = attrs.evolve(JobletSection(cleanup_timeout=5.0), **joblet)
-    return Config(joblet=section, metrics=metrics or MetricsSection())
+    return Config(joblet=section, metrics=metrics or MetricsSection(), logs=logs or LogsSection())
 
 
 @pytest.fixture

@@ -7,10 +7,13 @@ import os
 import re
 import signal
 from contextlib import aclosing
+from pathlib import Path
 
 import pytest
 import trio
 
+from joblet.actors.job import JobActor
+from joblet.config import LogsSection
 from joblet.errors import (
     AmbiguousJobId,
     InvalidRequest,
@@ -261,6 +264,14 @@ async def test_network_none_has_only_loopback(joblet: Harness) -> None:
 # --- logs ---------------------------------------------------------------------------------------
 
 
+#: The memory budget for unwritten output in the stalled-subscriber test: the job writes faster
+#: than gzip compresses, so the budget is what its unwritten output may take.
+LOG_BUDGET = 32 << 20
+#: How much the daemon's RSS may grow while a stalled subscriber is 200 MB behind: the budget,
+#: the log window (1 MiB), compressed batches in flight and allocator slack.
+RSS_BOUND = LOG_BUDGET + (48 << 20)
+
+
 async def test_100_concurrent_jobs_have_byte_exact_logs(joblet: Harness) -> None:
     n = 100
 
@@ -283,6 +294,7 @@ async def test_100_concurrent_jobs_have_byte_exact_logs(joblet: Harness) -> None
             assert await joblet.output(job_id) == expected(i)
 
 
+@pytest.mark.joblet_config(logs=LogsSection(memory_budget=LOG_BUDGET))
 async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(
     joblet: Harness,
 ) -> None:
@@ -290,13 +302,28 @@ async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(
     # Deterministic, compressible-but-not-trivial output: numbered lines.
     script = f"seq 1 100000000 | head -c {size}"
     with trio.fail_after(300):
+        baseline = _rss()
+        peak = baseline
         job = await joblet.run("sh", "-c", script)
+        actor = joblet.engine._resolve(job.id)
+        assert isinstance(actor, JobActor)
         stalled = joblet.engine.follow_log(job.id)
         first = await stalled.__anext__()  # subscribe, take one chunk, then stall
-        final = await joblet.wait(job.id)  # the job finishes while the subscriber sleeps
+        async with trio.open_nursery() as nursery:
+
+            async def watch_rss() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, _rss())
+                    await trio.sleep(0.02)
+
+            nursery.start_soon(watch_rss)
+            final = await joblet.wait(job.id)  # the job finishes while the subscriber sleeps
+            nursery.cancel_scope.cancel()
         assert final.status is JobStatus.COMPLETED
-        log = joblet.engine._resolve(job.id).log
-        assert log.size == size
+        assert actor.log.size == size
+        # The daemon held a bounded window, not the 200 MB the subscriber has not read.
+        assert peak - baseline < RSS_BOUND, f"RSS grew by {(peak - baseline) >> 20} MiB"
         digest = hashlib.sha256(first.data)
         got = len(first.data)
         async for chunk in stalled:
@@ -308,6 +335,14 @@ async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(
     seq = b"".join(b"%d\n" % k for k in range(1, 30_000_000))
     expected.update(seq[:size])
     assert digest.hexdigest() == expected.hexdigest()
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 async def _wait_for_output(joblet: Harness, job_id: str, wanted: bytes) -> None:

@@ -32,8 +32,6 @@ from joblet.store.logindex import STREAM_NAMES, Chunk
 MAX_CHUNK = 1 << 20
 #: Default ``max_bytes`` of :meth:`JobLog.read`: a good gRPC message size for log data.
 DEFAULT_READ_BYTES = 64 << 10
-#: Number of evicted list slots after which the in-memory chunk list is compacted.
-_COMPACT_AFTER = 1024
 
 _chunk_offset = attrgetter("offset")
 
@@ -356,7 +354,10 @@ class JobLog:
         if i == len(chunks):
             chunks.clear()
             i = 0
-        elif i >= _COMPACT_AFTER and 2 * i >= len(chunks):
+        elif 2 * i >= len(chunks):
+            # Evicted chunks must leave the list, or their data stays referenced: with big
+            # chunks a few slots hold megabytes. Deleting only once they are at least half of
+            # the list keeps the cost amortised O(1) per chunk.
             del chunks[:i]
             i = 0
         self._head = i
