@@ -29,6 +29,7 @@ import trio
 from joblet.config import CgroupSection
 from joblet.model import Limits
 from joblet.sys.cgroups import (
+    MEMORY_HIGH_PERCENT,
     CgroupDriver,
     CgroupUnavailable,
     V1Driver,
@@ -327,7 +328,10 @@ async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None
         group = driver.parent_dirs()[0] / job_id
         assert _read(group / "cpu.max") == "20000 100000"
         assert _read(group / "memory.max") == str(64 * MIB)
-        assert int(_read(group / "memory.high")) == 64 * MIB * 95 // 100 // PAGE * PAGE
+        assert (
+            int(_read(group / "memory.high"))
+            == 64 * MIB * MEMORY_HIGH_PERCENT // 100 // PAGE * PAGE
+        )
         if (group / "memory.swap.max").exists():
             assert _read(group / "memory.swap.max") == "0"
         assert _read(group / "pids.max") == "20"

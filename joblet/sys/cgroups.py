@@ -47,9 +47,12 @@ from joblet.sys.devices import block_device_numbers
 #: CFS period in microseconds; a quota of ``cpu_percent * 1000`` per period is that percentage of
 #: one core.
 CFS_PERIOD_US = 100_000
-#: ``memory.high`` (v2) as a percentage of ``memory.max``: reclaim pressure starts a little before
-#: the hard limit, so a job near its limit slows down before it is OOM-killed.
-MEMORY_HIGH_PERCENT = 95
+#: ``memory.high`` (v2) as a percentage of ``memory.max``. At 100 the kernel reclaims (page cache
+#: first) when the job reaches its limit and OOM-kills it when nothing is left to reclaim. Below
+#: 100, a job whose anonymous memory grows past ``memory.high`` is throttled, never OOM-killed,
+#: and stalls until ``jobTimeout``: seen in the v2 VM at 95% (64 MiB limit, 200 MB allocation:
+#: stuck at 65.5 MB for over a minute with ``memory.events`` high 161, oom_kill 0).
+MEMORY_HIGH_PERCENT = 100
 #: How often :meth:`CgroupDriver.kill_all` looks whether the kernel has emptied the group.
 KILL_POLL_INTERVAL = 0.005
 #: How long one kill round waits for the group to empty before it kills again (a process that

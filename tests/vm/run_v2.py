@@ -447,6 +447,8 @@ def guest_command(pytest_args: Sequence[str]) -> list[str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         "JOBLET_TEST_VM": "1",
+        # State and job dirs on the guest's ext4 disk: O_DIRECT and IO limits need a block device.
+        "TMPDIR": "/var/tmp",
     }
     env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
     pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "cgroup2"]
