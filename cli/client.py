@@ -240,6 +240,18 @@ class JobClient:
         res: pb.StopJobRes = await self._unary(self._stub.StopJob, pb.StopJobReq(id=job_id))
         return res
 
+    async def delete_job(self, job_id: str) -> pb.DeleteJobRes:
+        """Delete an ended job with its logs, metrics and metadata."""
+        res: pb.DeleteJobRes = await self._unary(self._stub.DeleteJob, pb.DeleteJobReq(id=job_id))
+        return res
+
+    async def delete_all_jobs(self) -> pb.DeleteAllJobsRes:
+        """Delete every ended job."""
+        res: pb.DeleteAllJobsRes = await self._unary(
+            self._stub.DeleteAllJobs, pb.DeleteAllJobsReq()
+        )
+        return res
+
     async def list_jobs(self) -> list[pb.Job]:
         """Every job the server knows."""
         res: pb.Jobs = await self._unary(self._stub.ListJobs, pb.EmptyRequest())

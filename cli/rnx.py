@@ -321,6 +321,34 @@ def job_stop(job_id: str, /, *, opts: _Globals) -> int:
     return _with_client(opts, action)
 
 
+@job_app.command(name="delete")
+def job_delete(job_id: str, /, *, opts: _Globals) -> int:
+    """Delete an ended job with its logs, metrics and metadata.
+
+    Args:
+        job_id: The job's id, or a unique prefix of it.
+    """
+
+    async def action(client: JobClient) -> int:
+        res = await client.delete_job(job_id)
+        _print(output.to_json(res) if opts.json else f"Job deleted successfully:\nID: {res.id}")
+        return EXIT_OK
+
+    return _with_client(opts, action)
+
+
+@job_app.command(name="delete-all")
+def job_delete_all(*, opts: _Globals) -> int:
+    """Delete every job that has ended; running jobs are kept."""
+
+    async def action(client: JobClient) -> int:
+        res = await client.delete_all_jobs()
+        _print(output.to_json(res) if opts.json else res.message)
+        return EXIT_OK
+
+    return _with_client(opts, action)
+
+
 @job_app.command(name="log")
 def job_log(job_id: str, /, *, opts: _Globals) -> int:
     """Stream a job's output (what it wrote so far, then live) until the job ends.

@@ -99,27 +99,39 @@ class Harness:
 
 
 @asynccontextmanager
-async def open_harness(config: Config | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+async def open_harness(
+    config: Config | None = None,
+    *,
+    state_dir: Path | None = None,
+    cgroup_parent: str | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
     """Run a joblet engine in the caller's trio run, with temporary state.
 
     Args:
         config: Base configuration; its ``state_dir`` and cgroup parent are replaced by temporary
             ones.
+        state_dir: Keep the state here instead (created if missing, kept on exit): open the
+            harness again on the same directory to see what a restarted daemon sees.
+        cgroup_parent: The cgroup parent's name instead of a unique one (with ``state_dir``,
+            to find the groups an earlier run left behind).
         **overrides: Config fields to replace (e.g. ``joblet=JobletSection(job_timeout=5)``).
 
     Yields:
-        The harness. On exit every job is stopped, and the state directory and cgroup parent
-        are removed.
+        The harness. On exit every job is stopped, and the cgroup parent and the temporary state
+        directory are removed.
     """
     base = config or Config()
-    state = Path(tempfile.mkdtemp(prefix="joblet-harness-"))
-    cgroup = attrs.evolve(overrides.pop("cgroup", base.cgroup), parent=_unique_parent(base.cgroup))
+    state = state_dir or Path(tempfile.mkdtemp(prefix="joblet-harness-"))
+    parent = cgroup_parent or _unique_parent(base.cgroup)
+    cgroup = attrs.evolve(overrides.pop("cgroup", base.cgroup), parent=parent)
     cfg = attrs.evolve(base, state_dir=state, cgroup=cgroup, **overrides)
     try:
         async with open_node(cfg, shutdown_grace=5.0) as node:
             yield Harness(node=node, state_dir=state)
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        if state_dir is None:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def _unique_parent(cg: CgroupSection) -> str:

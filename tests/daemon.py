@@ -113,8 +113,82 @@ def running_daemon(
         AssertionError: It did not start, or did not stop cleanly (exit 0, nothing left behind).
     """
     base = Path(tempfile.mkdtemp(prefix="joblet-daemon-"))
+    daemon = _spawn(base, config, port=_free_port(), parent=f"joblet-d{secrets.token_hex(4)}")
+    failed = True
+    try:
+        _wait_until_serving(daemon, startup_timeout)
+        yield daemon
+        failed = False
+    finally:
+        try:
+            _stop(daemon, stop_timeout)
+        except AssertionError:
+            if not failed:
+                raise
+            # The block already failed: its error is the one to see.
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+class CrashableDaemon:
+    """A daemon that a test kills with SIGKILL and starts again on the same state and port.
+
+    Use :func:`crashable_daemon`. :attr:`daemon` is the current incarnation.
+    """
+
+    def __init__(self, base: Path, config: Mapping[str, Any] | None, timeout: float) -> None:
+        self._base = base
+        self._config = config
+        self._timeout = timeout
+        self.daemon = _spawn(
+            base, config, port=_free_port(), parent=f"joblet-d{secrets.token_hex(4)}"
+        )
+        _wait_until_serving(self.daemon, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and reap it; its jobs are left as they are."""
+        self.daemon.process.kill()
+        self.daemon.process.wait()
+
+    def restart(self) -> Daemon:
+        """Start the daemon again (same state directory, port and cgroup parent)."""
+        self.daemon = _spawn(
+            self._base, self._config, port=self.daemon.port, parent=self.daemon.cgroup_parent
+        )
+        _wait_until_serving(self.daemon, self._timeout)
+        return self.daemon
+
+
+@contextmanager
+def crashable_daemon(
+    config: Mapping[str, Any] | None = None, *, timeout: float = 30.0
+) -> Iterator[CrashableDaemon]:
+    """Like :func:`running_daemon`, for tests that crash and restart the daemon.
+
+    On exit the last incarnation is stopped with SIGTERM and checked like
+    :func:`running_daemon` does (exit 0, no job process or cgroup left).
+    """
+    base = Path(tempfile.mkdtemp(prefix="joblet-daemon-"))
+    ctl: CrashableDaemon | None = None
+    failed = True
+    try:
+        ctl = CrashableDaemon(base, config, timeout)
+        yield ctl
+        failed = False
+    finally:
+        try:
+            if ctl is not None:
+                _stop(ctl.daemon, timeout)
+        except AssertionError:
+            if not failed:
+                raise
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _spawn(base: Path, config: Mapping[str, Any] | None, *, port: int, parent: str) -> Daemon:
+    """Start ``joblet serve`` with its state in ``base / "state"`` (output appended to a log)."""
     state = base / "state"
-    parent = f"joblet-d{secrets.token_hex(4)}"
     merged: dict[str, Any] = {"cgroup": {"parent": parent}}
     for section, values in (config or {}).items():
         if isinstance(values, Mapping):
@@ -123,10 +197,9 @@ def running_daemon(
             merged[section] = values
     config_path = base / "joblet-config.yml"
     config_path.write_text(yaml.safe_dump(merged))
-    port = _free_port()
     log_path = base / "daemon.log"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -148,7 +221,7 @@ def running_daemon(
             cwd=base,
             env=env,
         )
-    daemon = Daemon(
+    return Daemon(
         process=process,
         state_dir=state,
         port=port,
@@ -156,20 +229,6 @@ def running_daemon(
         log_path=log_path,
         cgroup_parent=parent,
     )
-    failed = True
-    try:
-        _wait_until_serving(daemon, startup_timeout)
-        yield daemon
-        failed = False
-    finally:
-        try:
-            _stop(daemon, stop_timeout)
-        except AssertionError:
-            if not failed:
-                raise
-            # The block already failed: its error is the one to see.
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def tls_handshake(daemon: Daemon, cert: Path, key: Path, timeout: float = 5.0) -> None:

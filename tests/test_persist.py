@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult
+from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult, _Record
 from joblet.config import LogsSection
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
@@ -110,10 +110,13 @@ class CountingPersist(PersistActor):
     batches: list[list[str]]
 
     def _write_sync(
-        self, batch: list[tuple[JobLog, list[Chunk]]], closing: list[str]
+        self,
+        batch: list[tuple[JobLog, list[Chunk]]],
+        closing: list[str],
+        records: dict[str, _Record],
     ) -> _BatchResult:
         self.batches.append([log.job_id for log, _ in batch])
-        return super()._write_sync(batch, closing)
+        return super()._write_sync(batch, closing, records)
 
 
 async def test_chunks_of_many_jobs_go_to_disk_in_one_thread_hop(

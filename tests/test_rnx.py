@@ -268,6 +268,34 @@ def test_stop_and_wait_exit_statuses(rnx: Env) -> None:
     assert re.search(r"^Reason: .*9", status.stdout, re.MULTILINE), status.stdout
 
 
+def test_delete_and_delete_all(rnx: Env) -> None:
+    done = rnx.run("job", "run", "--wait", "echo", "bye")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stderr.split()[2]
+    running = rnx.run("job", "run", "sleep", "60")
+    running_id = re.search(UUID, running.stdout)
+    assert running_id, running.stdout
+    try:
+        busy = rnx.run("job", "delete", running_id.group(0))
+        assert_one_line_error(
+            busy, 1, rf"job is still running: {running_id.group(0)} \(current status: RUNNING\)"
+        )
+        deleted = rnx.run("job", "delete", job_id[:8])
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout == f"Job deleted successfully:\nID: {job_id}\n"
+        gone = rnx.run("job", "status", job_id)
+        assert_one_line_error(gone, 3, rf"job not found: {job_id}")
+        every = rnx.run("job", "delete-all")
+        assert every.returncode == 0, every.stderr
+        assert re.fullmatch(
+            r"Successfully deleted \d+ jobs, skipped 1 running/scheduled jobs\n", every.stdout
+        ), every.stdout
+        as_json = json.loads(rnx.run("--json", "job", "delete-all").stdout)
+        assert (as_json["deletedCount"], as_json["skippedCount"]) == (0, 1)
+    finally:
+        rnx.run("job", "stop", running_id.group(0))
+
+
 def test_log_is_binary_safe_and_quiet_in_a_closed_pipe(rnx: Env) -> None:
     job_id = rnx.start("printf", r"\377\000\n")
     log = rnx.run_bytes("job", "log", job_id)

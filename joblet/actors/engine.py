@@ -1,11 +1,17 @@
 """The engine: the job registry and the nursery every job actor runs in.
 
-This is the API the gRPC layer and the in-process harness use: run, look up, list, stop and follow
-jobs. Ids are UUIDv4; any unique prefix of an id resolves to its job.
+This is the API the gRPC layer and the in-process harness use: run, look up, list, stop, follow
+and delete jobs. Ids are UUIDv4; any unique prefix of an id resolves to its job.
+
+A job is a :class:`~joblet.actors.job.JobActor` while it runs and until its cleanup is done and
+its final record is in the job database; then the registry keeps only an :class:`EndedJob` (its
+record; its log is read from disk), so memory does not grow with the number of ended jobs. Jobs
+of earlier runs of the daemon are loaded as :class:`EndedJob` at start-up.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -14,10 +20,61 @@ import trio
 
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
-from joblet.errors import AmbiguousJobId, JobNotFound, ResourceExhausted, ShuttingDown
+from joblet.errors import (
+    AmbiguousJobId,
+    JobNotFound,
+    JobNotRunning,
+    JobStillRunning,
+    ResourceExhausted,
+    ShuttingDown,
+)
 from joblet.metrics import MetricsSample
 from joblet.model import JobInfo, JobSpec
+from joblet.store.joblog import JobLog
+from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
 from joblet.store.logindex import Chunk
+from joblet.store.metrics import delete_job_metrics
+
+
+class EndedJob:
+    """A job that has ended and released everything it owned: its record, and its log on disk.
+
+    Args:
+        info: The job's final record.
+        ctx: The engine's services (where its log is).
+    """
+
+    def __init__(self, info: JobInfo, ctx: JobContext) -> None:
+        self.id = info.id
+        self._info = info
+        self._ctx = ctx
+
+    @property
+    def active(self) -> bool:
+        """Always False: the job has ended."""
+        return False
+
+    def info(self) -> JobInfo:
+        """The job's final record."""
+        return self._info
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Raises JobNotRunning: an ended job cannot be stopped."""
+        raise JobNotRunning(self.id, self._info.status.value)
+
+    async def wait(self) -> None:
+        """Returns at once: the job has ended."""
+        await trio.lowlevel.checkpoint()
+
+    async def open_log(self) -> JobLog:
+        """The job's complete log, read from disk."""
+        logs_dir = self._ctx.logs_dir
+        return await JobLog.from_disk(
+            self.id, lambda: LogFileReader(job_log_dir(logs_dir, self.id))
+        )
+
+
+_Entry = JobActor | EndedJob
 
 
 class Engine:
@@ -30,9 +87,9 @@ class Engine:
         ctx: The services every job uses.
     """
 
-    def __init__(self, ctx: JobContext) -> None:
+    def __init__(self, ctx: JobContext, past: list[JobInfo] | None = None) -> None:
         self._ctx = ctx
-        self._jobs: dict[str, JobActor] = {}
+        self._jobs: dict[str, _Entry] = {i.id: EndedJob(i, ctx) for i in past or ()}
         self._nursery: trio.Nursery | None = None
         self._closing = False
 
@@ -59,11 +116,11 @@ class Engine:
             grace: Longest time to wait for all jobs to end before giving up waiting.
         """
         self._closing = True
-        running = [a for a in self._jobs.values() if not a.state.status.terminal]
+        running = [a for a in self._jobs.values() if isinstance(a, JobActor) and a.active]
         for actor in running:
             try:
                 actor.request_stop("daemon shutdown")
-            except Exception:  # already ended: nothing to stop
+            except JobNotRunning:  # ended meanwhile: nothing to stop
                 continue
         with trio.move_on_after(grace):
             for actor in running:
@@ -85,7 +142,7 @@ class Engine:
         if self._closing or self._nursery is None:
             raise ShuttingDown("joblet is shutting down")
         cap = self._ctx.config.joblet.max_concurrent_jobs
-        active = sum(1 for a in self._jobs.values() if not a.state.status.terminal)
+        active = sum(1 for a in self._jobs.values() if a.active)
         if cap and active >= cap:
             raise ResourceExhausted(
                 f"maximum concurrent jobs reached ({cap}): wait for a job to end or stop one"
@@ -93,10 +150,20 @@ class Engine:
         job_id = str(uuid.uuid4())
         actor = JobActor(job_id, spec, self._ctx)
         self._jobs[job_id] = actor
-        info: JobInfo = await self._nursery.start(actor.run)
+        info: JobInfo = await self._nursery.start(self._run_actor, actor)
         return info
 
-    def _resolve(self, ref: str) -> JobActor:
+    async def _run_actor(
+        self, actor: JobActor, *, task_status: trio.TaskStatus[JobInfo] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one job actor; once it is done, keep only its record."""
+        try:
+            await actor.run(task_status=task_status)
+        finally:
+            if self._jobs.get(actor.id) is actor and actor.done.is_set():
+                self._jobs[actor.id] = EndedJob(actor.info(), self._ctx)
+
+    def _resolve(self, ref: str) -> _Entry:
         actor = self._jobs.get(ref)
         if actor is not None:
             return actor
@@ -131,14 +198,66 @@ class Engine:
         actor = self._resolve(ref)
         actor.request_stop("stopped")
         logfmt.info("job stop requested", jobId=actor.id)
-        await actor.done.wait()
+        await actor.wait()
         return actor.info()
 
     async def wait_job(self, ref: str) -> JobInfo:
         """Wait until the job has ended and is cleaned up; returns its final info."""
         actor = self._resolve(ref)
-        await actor.done.wait()
+        await actor.wait()
         return actor.info()
+
+    async def delete_job(self, ref: str) -> JobInfo:
+        """Delete an ended job with its log, metrics and metadata; returns its last record.
+
+        Raises:
+            JobNotFound: No such job.
+            JobStillRunning: The job has not ended (stop it first).
+        """
+        entry = self._resolve(ref)
+        if entry.active:
+            raise JobStillRunning(entry.id, entry.info().status.value)
+        await entry.wait()  # ended, but its cleanup may still be running
+        await self._delete(entry.id)
+        return entry.info()
+
+    async def delete_all_jobs(self) -> tuple[int, int]:
+        """Delete every ended job; returns (deleted, skipped because still active)."""
+        deleted = skipped = 0
+        for entry in list(self._jobs.values()):
+            if entry.active:
+                skipped += 1
+                continue
+            await entry.wait()
+            if self._jobs.get(entry.id) is not None:
+                await self._delete(entry.id)
+                deleted += 1
+        return deleted, skipped
+
+    def end_times(self) -> dict[str, float | None]:
+        """Every job's end time (Unix seconds), None while it is active (for retention)."""
+        return {
+            job_id: None if e.active else (e.info().end_time or e.info().start_time or time.time())
+            for job_id, e in self._jobs.items()
+        }
+
+    async def forget(self, job_id: str) -> None:
+        """Drop an ended job's metadata, leaving its files alone (retention removes those)."""
+        entry = self._jobs.get(job_id)
+        if entry is None or entry.active:
+            return
+        self._jobs.pop(job_id, None)
+        await self._ctx.persist.forget_job(job_id)
+
+    async def _delete(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        await self._ctx.persist.forget_job(job_id)
+        await trio.to_thread.run_sync(self._delete_files, job_id)
+        logfmt.info("job deleted", jobId=job_id)
+
+    def _delete_files(self, job_id: str) -> None:
+        delete_job_logs(self._ctx.logs_dir, job_id)
+        delete_job_metrics(self._ctx.metrics_dir, job_id)
 
     async def follow_log(self, ref: str, offset: int = 0) -> AsyncIterator[Chunk]:
         """The job's merged output from byte ``offset``: what exists, then live, until the end.
@@ -146,8 +265,9 @@ class Engine:
         Raises:
             JobNotFound: No such job (raised at the first iteration).
         """
-        actor = self._resolve(ref)
-        async with aclosing(actor.log.follow(offset)) as chunks:
+        entry = self._resolve(ref)
+        log = entry.log if isinstance(entry, JobActor) else await entry.open_log()
+        async with aclosing(log.follow(offset)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -91,11 +91,26 @@ class JobActor:
         self._pumps_done = trio.Event()
         self._stop_requested = trio.Event()
         self._exited = trio.Event()
+        # The final record was written (or could not be, in time): clients may see the end.
+        self._end_saved = False
         #: Set once the job is terminal and fully cleaned up.
         self.done = trio.Event()
 
     def info(self) -> JobInfo:
-        """A snapshot of the job for clients."""
+        """A snapshot of the job for clients.
+
+        The job shows as ended only once its final record is in the job database: a client that
+        saw it end never sees it come back as lost after a crash. Until then it shows RUNNING.
+        """
+        info = self._snapshot()
+        if info.status.terminal and not self._end_saved:
+            return attrs.evolve(
+                info, status=JobStatus.RUNNING, end_time=None, exit_code=0, reason="", pid=self.pid
+            )
+        return info
+
+    def _snapshot(self) -> JobInfo:
+        """The job as it is now (what the job database gets)."""
         s = self.state
         return JobInfo(
             id=self.id,
@@ -108,6 +123,15 @@ class JobActor:
             pid=self.pid if s.status is JobStatus.RUNNING else 0,
             node_id=self._ctx.node_id,
         )
+
+    @property
+    def active(self) -> bool:
+        """Whether the job has not ended yet (its cleanup may run on after it has)."""
+        return not self.state.status.terminal
+
+    async def wait(self) -> None:
+        """Wait until the job has ended and is cleaned up."""
+        await self.done.wait()
 
     def request_stop(self, reason: str = "stopped") -> None:
         """Ask the job to stop (returns at once; wait on :attr:`done` for the outcome).
@@ -132,9 +156,11 @@ class JobActor:
         proc: trio.Process | None = None
         report_start = True
         try:
+            ctx.persist.submit_job(self._snapshot())
             proc = await self._start(job_dir)
             self.pid = proc.pid
             self.state.started()
+            await self._save("RUNNING")
             logfmt.info(
                 "job started successfully",
                 jobId=self.id,
@@ -164,6 +190,16 @@ class JobActor:
                 await self._cleanup(proc, job_dir)
             if report_start:
                 task_status.started(self.info())
+
+    async def _save(self, what: str) -> None:
+        """Write the job's record to the job database and wait for it, bounded.
+
+        Out of time (the disk is stuck), the job goes on and the record is written later.
+        """
+        with trio.move_on_after(self._ctx.config.joblet.cleanup_timeout) as scope:
+            await self._ctx.persist.save_job(self._snapshot())
+        if scope.cancelled_caught:
+            logfmt.error("job record not written in time", jobId=self.id, record=what)
 
     async def _start(self, job_dir: Path) -> trio.Process:
         ctx = self._ctx
@@ -278,8 +314,6 @@ class JobActor:
                         await pipe.aclose()
             else:
                 await self._kill_all()
-        self.log.close()
-        ctx.persist.close_job(self.id)
         self.metrics.close()
         try:
             ctx.driver.remove(self.id)
@@ -288,6 +322,12 @@ class JobActor:
         await trio.to_thread.run_sync(shutil.rmtree, job_dir, True)
         self.pid = 0
         s = self.state
+        await self._save("final")
+        self._end_saved = True
+        # Readers see the log end only now, when the job's end is on record: a client that read
+        # the whole log then asks for the status sees the job ended.
+        self.log.close()
+        ctx.persist.close_job(self.id)
         logfmt.info(
             "job finished",
             jobId=self.id,

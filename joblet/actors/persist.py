@@ -11,6 +11,11 @@ that is not yet closed, and closes each once the job's last chunk is written
 (:meth:`PersistActor.close_job`). What it holds survives a failure of :meth:`PersistActor.run`:
 a batch that could not be written is kept and retried when the actor is restarted (see
 :func:`joblet.actors.supervisor.supervise`), so log data is never dropped.
+
+It also owns the job database (:class:`~joblet.store.jobdb.JobDB`): :meth:`PersistActor.save_job`
+queues a job's metadata, written with the next batch (at once: a saved job does not wait for the
+flush interval). A job's record is written only after every log chunk submitted before it, so a
+record that says a job ended always comes with its complete log on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import trio
 
 from joblet import logfmt
 from joblet.config import LogsSection
+from joblet.model import JobInfo
+from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, job_log_dir
 from joblet.store.logindex import Chunk
@@ -55,6 +62,15 @@ class _BatchResult:
     written: int = 0
     closed: list[str] = attrs.Factory(list)
     error: BaseException | None = None
+    records_saved: bool = False
+
+
+@attrs.define
+class _Record:
+    """A job's metadata (or its deletion, ``info=None``) waiting to be written."""
+
+    info: JobInfo | None
+    waiters: list[trio.Event] = attrs.Factory(list)
 
 
 class PersistActor:
@@ -66,10 +82,15 @@ class PersistActor:
     Args:
         logs_dir: The directory holding one log directory per job.
         cfg: Batch thresholds (``flush_bytes``, ``flush_interval``).
+        db_path: The job database; None keeps no job metadata (log-only use, tests).
     """
 
-    def __init__(self, logs_dir: Path, cfg: LogsSection) -> None:
+    def __init__(self, logs_dir: Path, cfg: LogsSection, db_path: Path | None = None) -> None:
         self._logs_dir = logs_dir
+        self._db_path = db_path
+        self._db: JobDB | None = None
+        # Job records waiting to be written, by job id (the latest info wins).
+        self._records: dict[str, _Record] = {}
         self._flush_bytes = max(1, cfg.flush_bytes)
         self._flush_interval = max(0.0, cfg.flush_interval)
         self._batch_cap = max(_BATCH_CAP_FACTOR * self._flush_bytes, _MIN_BATCH_CAP)
@@ -117,6 +138,50 @@ class PersistActor:
         if self._oldest is None:
             self._oldest = trio.current_time()
         self._kick.set()
+
+    async def open_db(self) -> list[JobInfo]:
+        """Open the job database (in a worker thread) and return every job it holds.
+
+        Raises:
+            JobDBError: The database cannot be used.
+        """
+        if self._db_path is None:
+            return []
+        if self._db is None:
+            self._db = await trio.to_thread.run_sync(JobDB, self._db_path)
+        return await trio.to_thread.run_sync(self._db.load, limiter=self._limiter)
+
+    def submit_job(self, info: JobInfo) -> trio.Event:
+        """Queue a job's metadata for the database; the event is set once it is written.
+
+        Never blocks. A newer submission for the same job replaces a queued one (and shares its
+        event).
+        """
+        return self._queue_record(info.id, info)
+
+    async def save_job(self, info: JobInfo) -> None:
+        """Queue a job's metadata and wait until it is written (needs :meth:`run` running)."""
+        await self.submit_job(info).wait()
+
+    async def forget_job(self, job_id: str) -> None:
+        """Delete a job's metadata from the database and wait until that is written."""
+        await self._queue_record(job_id, None).wait()
+
+    def _queue_record(self, job_id: str, info: JobInfo | None) -> trio.Event:
+        saved = trio.Event()
+        if self._db_path is None:
+            saved.set()
+            return saved
+        record = self._records.get(job_id)
+        if record is None:
+            record = self._records[job_id] = _Record(info)
+        else:
+            record.info = info
+        record.waiters.append(saved)
+        if self._oldest is None:
+            self._oldest = trio.current_time()
+        self._kick.set()
+        return saved
 
     async def flush(self) -> None:
         """Wait until everything submitted (and every close requested) so far is on disk.
@@ -173,6 +238,7 @@ class PersistActor:
         return (
             self._pending_bytes >= self._flush_bytes
             or self._urgent > 0
+            or bool(self._records)
             or trio.current_time() >= self._oldest + self._flush_interval
         )
 
@@ -189,12 +255,15 @@ class PersistActor:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FINAL_FLUSH_TIMEOUT
             try:
-                while self._pending or self._to_close:
+                while self._pending or self._to_close or self._records:
                     await self._write_batch()
             except LogWriteError as e:
                 logfmt.error("log data could not be written at shutdown", error=str(e.__cause__))
             if self._writers:
                 await trio.to_thread.run_sync(self._close_writers, limiter=self._limiter)
+            if self._db is not None:
+                db, self._db = self._db, None
+                await trio.to_thread.run_sync(db.close, limiter=self._limiter)
         if scope.cancelled_caught or self._pending:
             logfmt.error(
                 "log data not written at shutdown",
@@ -202,8 +271,10 @@ class PersistActor:
                 timeout=f"{FINAL_FLUSH_TIMEOUT}s",
             )
 
-    def _take_batch(self) -> tuple[list[tuple[JobLog, list[Chunk]]], list[str]]:
-        """Dequeue up to the batch cap, round-robin over jobs, and the closes that are due."""
+    def _take_batch(
+        self,
+    ) -> tuple[list[tuple[JobLog, list[Chunk]]], list[str], dict[str, _Record]]:
+        """Dequeue up to the batch cap, round-robin over jobs, and the closes and records due."""
         batch: list[tuple[JobLog, list[Chunk]]] = []
         taken = 0
         for job_id in list(self._pending):
@@ -225,9 +296,13 @@ class PersistActor:
             self._pending[job_id] = _Pending(pending.log, pending.chunks[k:], pending.nbytes - part)
         self._pending_bytes -= taken
         closing = [j for j in self._to_close if j not in self._pending]
-        if not self._pending and len(closing) == len(self._to_close):
+        # A record waits for the job's chunks queued before it (they are ahead of it on disk).
+        records = {j: r for j, r in self._records.items() if j not in self._pending}
+        for job_id in records:
+            del self._records[job_id]
+        if not self._pending and len(closing) == len(self._to_close) and not self._records:
             self._oldest = None
-        return batch, closing
+        return batch, closing, records
 
     def _requeue(self, items: list[tuple[JobLog, list[Chunk]]]) -> None:
         """Put unwritten chunks back at the front of the queue, ahead of newer ones."""
@@ -245,28 +320,49 @@ class PersistActor:
             self._oldest = trio.current_time()
 
     async def _write_batch(self) -> None:
-        batch, closing = self._take_batch()
-        if not batch and not closing:
+        batch, closing, records = self._take_batch()
+        if not batch and not closing and not records:
             return
         self._inflight = batch
         try:
             result = await trio.to_thread.run_sync(
-                self._write_sync, batch, closing, limiter=self._limiter
+                self._write_sync, batch, closing, records, limiter=self._limiter
             )
         except BaseException:
             # Cancelled before the thread started (once started, it is always waited for).
             self._inflight = []
             self._requeue(batch)
+            self._requeue_records(records)
             raise
         self._inflight = []
         for log, chunks in batch[: result.written]:
             log.mark_persisted(chunks[-1].end)
         self._to_close.difference_update(result.closed)
+        if result.records_saved:
+            for record in records.values():
+                for event in record.waiters:
+                    event.set()
+        else:
+            self._requeue_records(records)
         self._progress.unpark_all()
         if result.error is not None:
             self._requeue(batch[result.written :])
-            failed = batch[result.written][0].job_id
-            raise LogWriteError(f"writing the log of job {failed} failed") from result.error
+            if result.written < len(batch):
+                failed = batch[result.written][0].job_id
+                raise LogWriteError(f"writing the log of job {failed} failed") from result.error
+            raise LogWriteError("writing the job database failed") from result.error
+
+    def _requeue_records(self, records: dict[str, _Record]) -> None:
+        """Put records that were not written back, unless a newer one for the job is queued."""
+        for job_id, record in records.items():
+            newer = self._records.get(job_id)
+            if newer is None:
+                self._records[job_id] = record
+            else:
+                # The newer info wins; whoever waits on either is told when it is written.
+                newer.waiters.extend(record.waiters)
+        if records and self._oldest is None:
+            self._oldest = trio.current_time()
 
     def _close_writers(self) -> None:
         """Sync and close every open writer (in the worker thread)."""
@@ -278,9 +374,15 @@ class PersistActor:
                 logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
 
     def _write_sync(
-        self, batch: list[tuple[JobLog, list[Chunk]]], closing: list[str]
+        self,
+        batch: list[tuple[JobLog, list[Chunk]]],
+        closing: list[str],
+        records: dict[str, _Record],
     ) -> _BatchResult:
-        """Write a batch (in the worker thread); stops at the first job that fails."""
+        """Write a batch (in the worker thread); stops at the first job that fails.
+
+        Log chunks first, then the job records, so a record never gets ahead of its log.
+        """
         result = _BatchResult()
         for log, chunks in batch:
             try:
@@ -301,4 +403,16 @@ class PersistActor:
                 except OSError as e:
                     logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
             result.closed.append(job_id)
+        if records and self._db is not None:
+            try:
+                saves = [r.info for r in records.values() if r.info is not None]
+                if saves:
+                    self._db.save(saves)
+                deletes = [j for j, r in records.items() if r.info is None]
+                if deletes:
+                    self._db.delete(deletes)
+            except Exception as e:
+                result.error = e
+                return result
+        result.records_saved = True
         return result

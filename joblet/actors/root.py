@@ -1,13 +1,16 @@
 """The root of the supervisor tree: one joblet node and the system actors it owns.
 
 :func:`open_node` is what both ``joblet serve`` and the in-process harness run. It detects the
-cgroup driver and prepares the parent group, starts the persist actor under a supervisor, and runs
-the engine. Leaving the context stops every job gracefully, flushes the logs and removes what the
-node created under the cgroup parent.
+cgroup driver and prepares the parent group, starts the persist actor under a supervisor, recovers
+from an earlier run that did not end cleanly (see :func:`recover`), runs the engine, and removes
+the files of jobs that ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops
+every job gracefully, flushes the logs and removes what the node created under the cgroup parent.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,11 +24,16 @@ from joblet.actors.engine import Engine
 from joblet.actors.job import JobContext
 from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
+from joblet.actors.retention import RetentionActor
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
+from joblet.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
 from joblet.sys import launch
-from joblet.sys.cgroups import detect_driver
+from joblet.sys.cgroups import CgroupDriver, detect_driver
+
+#: Reason recorded for a job that was running when the daemon died.
+RESTART_REASON = "daemon restarted while the job was running"
 
 
 @attrs.frozen
@@ -77,7 +85,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     (state / "metrics").mkdir(parents=True, exist_ok=True)
     driver = detect_driver(config.cgroup)
     driver.setup()
-    persist = PersistActor(state / "logs", config.logs)
+    persist = PersistActor(state / "logs", config.logs, db_path=state / "jobs.db")
+    past = await persist.open_db()
     ctx = JobContext(
         config=config,
         driver=driver,
@@ -91,17 +100,27 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         unshare=launch.find_unshare(),
         node_id=load_node_id(state),
     )
-    engine = Engine(ctx)
     logfmt.info(
         "joblet node starting",
         nodeId=ctx.node_id,
         stateDir=str(state),
         cgroup=f"v{driver.version}",
+        knownJobs=len(past),
     )
     async with trio.open_nursery() as system:
         await system.start(supervise, "persist", persist.run)
+        past = await recover(ctx, past)
+        engine = Engine(ctx, past)
         async with trio.open_nursery() as jobs:
             await jobs.start(engine.run)
+            retention = RetentionActor(
+                state / "logs",
+                state / "metrics",
+                config.persist.storage.retention,
+                end_times=engine.end_times,
+                forget=engine.forget,
+            )
+            await system.start(supervise, "retention", retention.run)
             try:
                 yield Node(config=config, engine=engine, nursery=system)
             finally:
@@ -117,3 +136,57 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     except OSError as e:
         logfmt.warn("cgroup parent could not be removed", error=str(e))
     logfmt.info("joblet node stopped", nodeId=ctx.node_id)
+
+
+async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
+    """Clean up after a daemon that died with jobs running; returns the jobs, all ended.
+
+    Jobs the database still shows as not ended are marked FAILED with :data:`RESTART_REASON`
+    (exit code -1); every process left in a job group under the cgroup parent is killed and the
+    groups are removed (also groups of jobs the database never heard of); leftover job
+    directories are deleted. Needs the persist actor running (the records are saved).
+    """
+    now = time.time()
+    fixed: list[JobInfo] = []
+    jobs: list[JobInfo] = []
+    for info in past:
+        if not info.status.terminal:
+            info = attrs.evolve(
+                info,
+                status=JobStatus.FAILED,
+                end_time=now,
+                exit_code=-1,
+                reason=RESTART_REASON,
+                pid=0,
+            )
+            fixed.append(info)
+            logfmt.warn("job was running when the daemon stopped", jobId=info.id)
+        jobs.append(info)
+    await _remove_leftover_groups(
+        ctx.driver, {i.id for i in past}, ctx.config.joblet.cleanup_timeout
+    )
+    leftovers = await trio.to_thread.run_sync(lambda: list(ctx.jobs_dir.iterdir()))
+    for path in leftovers:
+        await trio.to_thread.run_sync(shutil.rmtree, path, True)
+    for info in fixed:
+        await ctx.persist.save_job(info)
+    return jobs
+
+
+async def _remove_leftover_groups(
+    driver: CgroupDriver,
+    known: set[str],
+    timeout: float,  # noqa: ASYNC109 (kill_all's own bound, which names the survivors)
+) -> None:
+    for name in driver.job_groups():
+        try:
+            await driver.kill_all(name, timeout)
+            driver.remove(name)
+        except (OSError, TimeoutError, ValueError) as e:
+            logfmt.error("leftover job group could not be removed", group=name, error=str(e))
+            continue
+        logfmt.warn(
+            "leftover job group removed",
+            group=name,
+            known="yes" if name in known else "no",
+        )

@@ -53,6 +53,14 @@ class JobEngine(Protocol):
         """Stop a running job and return its final info."""
         ...
 
+    async def delete_job(self, ref: str) -> JobInfo:
+        """Delete an ended job with its logs, metrics and metadata."""
+        ...
+
+    async def delete_all_jobs(self) -> tuple[int, int]:
+        """Delete every ended job: (deleted, skipped)."""
+        ...
+
     def follow_log(self, ref: str, offset: int = 0) -> AsyncIterator[Chunk]:
         """The job's output from ``offset``: what exists, then live, until the job ends."""
         ...
@@ -86,6 +94,8 @@ class JobService:
             "RunJob": self.run_job,
             "GetJobStatus": self.get_job_status,
             "StopJob": self.stop_job,
+            "DeleteJob": self.delete_job,
+            "DeleteAllJobs": self.delete_all_jobs,
             "ListJobs": self.list_jobs,
             "GetJobLogs": self.get_job_logs,
             "GetJobMetrics": self.get_job_metrics,
@@ -124,6 +134,32 @@ class JobService:
             exitCode=info.exit_code,
         )
         return convert.stop_job_res(info)
+
+    async def delete_job(self, req: Any) -> Any:
+        """DeleteJob: remove an ended job with its logs, metrics and metadata."""
+        info = await self._engine.delete_job(_job_ref(req.id))
+        peer = auth.current_peer.get()
+        logfmt.info("job deleted on request", jobId=info.id, client=peer.name if peer else "-")
+        return pb.DeleteJobRes(id=info.id, success=True, message="Job deleted successfully")
+
+    async def delete_all_jobs(self, req: Any) -> Any:
+        """DeleteAllJobs: remove every ended job; running ones are skipped and counted."""
+        deleted, skipped = await self._engine.delete_all_jobs()
+        peer = auth.current_peer.get()
+        logfmt.info(
+            "jobs deleted on request",
+            deleted=deleted,
+            skipped=skipped,
+            client=peer.name if peer else "-",
+        )
+        return pb.DeleteAllJobsRes(
+            success=True,
+            message=(
+                f"Successfully deleted {deleted} jobs, skipped {skipped} running/scheduled jobs"
+            ),
+            deletedCount=deleted,
+            skippedCount=skipped,
+        )
 
     async def list_jobs(self, req: Any) -> Any:
         """ListJobs: every job, oldest first."""

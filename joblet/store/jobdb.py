@@ -1,0 +1,186 @@
+"""Durable job metadata: an embedded SQLite database (stdlib ``sqlite3``, WAL).
+
+One row per job, keyed by its id, holding the latest :class:`~joblet.model.JobInfo` the daemon
+saved. The calls are synchronous and meant for a worker thread: the persist actor
+(:class:`joblet.actors.persist.PersistActor`) saves rows in batches off the event loop, and
+:func:`joblet.actors.root.open_node` loads them once at start-up.
+
+WAL with ``synchronous=NORMAL``: a committed transaction survives a crash of the daemon (it is in
+the WAL file, which the kernel holds), and a power loss can lose at most the last transactions,
+never corrupt the database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cattrs
+
+from joblet.model import JobInfo, JobSpec, JobStatus
+
+#: Bumped when the schema changes; a database with a newer version is refused.
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    status     TEXT NOT NULL,
+    start_time REAL,
+    end_time   REAL,
+    exit_code  INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    node_id    TEXT NOT NULL,
+    spec       TEXT NOT NULL
+)
+"""
+
+_UPSERT = """
+INSERT INTO jobs (id, status, start_time, end_time, exit_code, reason, node_id, spec)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    status = excluded.status,
+    start_time = excluded.start_time,
+    end_time = excluded.end_time,
+    exit_code = excluded.exit_code,
+    reason = excluded.reason,
+    node_id = excluded.node_id,
+    spec = excluded.spec
+"""
+
+_converter = cattrs.Converter()
+
+
+class JobDBError(Exception):
+    """The job database cannot be used (unreadable, or written by a newer joblet)."""
+
+
+def encode_spec(spec: JobSpec) -> str:
+    """A job spec as the JSON text stored in the database."""
+    raw = _converter.unstructure(spec)
+    raw["env"] = dict(spec.env)
+    return json.dumps(raw, separators=(",", ":"), sort_keys=True)
+
+
+def decode_spec(text: str) -> JobSpec:
+    """The job spec stored as ``text`` by :func:`encode_spec`."""
+    raw: dict[str, Any] = json.loads(text)
+    raw["args"] = tuple(raw.get("args", ()))
+    spec = _converter.structure(raw, JobSpec)
+    return spec
+
+
+class JobDB:
+    """The job table in ``path`` (created if missing).
+
+    Not thread-safe by itself: callers serialise access (the persist actor writes from one worker
+    thread at a time); an internal lock guards against misuse.
+
+    Args:
+        path: The database file, e.g. ``<state>/jobs.db``.
+
+    Raises:
+        JobDBError: The file is not a usable joblet database.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JobDBError(
+                    f"job database {path} has schema version {version}; "
+                    f"this joblet knows version {SCHEMA_VERSION}"
+                )
+            self._db.execute(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise JobDBError(f"job database {path} cannot be opened: {e}") from e
+
+    def save(self, infos: Sequence[JobInfo]) -> None:
+        """Insert or update these jobs in one transaction."""
+        rows = [
+            (
+                i.id,
+                i.status.value,
+                i.start_time,
+                i.end_time,
+                i.exit_code,
+                i.reason,
+                i.node_id,
+                encode_spec(i.spec),
+            )
+            for i in infos
+        ]
+        with self._lock, self._transaction():
+            self._db.executemany(_UPSERT, rows)
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        """Remove these jobs (missing ids are not an error), in one transaction."""
+        ids = [(j,) for j in job_ids]
+        with self._lock, self._transaction():
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+
+    def load(self) -> list[JobInfo]:
+        """Every job, in the order they were first saved.
+
+        A row that cannot be decoded (damaged by hand, say) is skipped rather than stopping the
+        daemon; :attr:`skipped` counts them.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, status, start_time, end_time, exit_code, reason, node_id, spec "
+                "FROM jobs ORDER BY seq"
+            ).fetchall()
+        jobs: list[JobInfo] = []
+        self.skipped: list[str] = []
+        for job_id, status, start, end, code, reason, node_id, spec in rows:
+            try:
+                jobs.append(
+                    JobInfo(
+                        id=job_id,
+                        spec=decode_spec(spec),
+                        status=JobStatus(status),
+                        start_time=start,
+                        end_time=end,
+                        exit_code=code,
+                        reason=reason,
+                        node_id=node_id,
+                    )
+                )
+            except (ValueError, TypeError, KeyError, cattrs.BaseValidationError):
+                self.skipped.append(job_id)
+        return jobs
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed into the main file)."""
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """``BEGIN`` ... ``COMMIT``, or ``ROLLBACK`` on error (autocommit mode connection)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
