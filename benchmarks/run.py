@@ -336,54 +336,74 @@ def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
 
 
 async def start_breakdown(joblet: Harness, n: int) -> None:
-    """Where the time of a start goes: median of each phase over n traced jobs.
+    """Where the time of a start goes: p50 and p90 of each phase over n traced jobs, back to back
+    and after :data:`IDLE_GAP` of idle.
 
     The job is ``date +%s.%N``, which prints the (realtime) moment the command runs, so the
     table also shows how long after stage 1's ``execve`` (which is when the daemon reports
     RUNNING) the command really starts.
     """
     to_mono = time.time() - time.perf_counter()
-    samples: list[dict[str, float]] = []
+    runs: dict[float, list[dict[str, float]]] = {0.0: [], IDLE_GAP: []}
     with traced_launch(joblet) as marks:
-        for i in range(WARMUP + n):
-            marks.clear()
-            marks["request"] = time.perf_counter()
-            job = await joblet.run("date", "+%s.%N")
-            marks["returned"] = time.perf_counter()
-            assert job.status is JobStatus.RUNNING, job
-            final = await joblet.wait(job.id)
-            assert final.status is JobStatus.COMPLETED, final
-            out, err = await joblet.streams(job.id)
-            if i < WARMUP:
-                continue
-            sample = dict(marks)
-            for line in err.decode().splitlines():
-                if line.startswith("JOBLET-STAGE1-TRACE "):
-                    for item in line.split()[1:]:
-                        key, value = item.split("=")
-                        sample[key] = float(value)
-            sample["command"] = float(out.decode()) - to_mono
-            samples.append(sample)
-    with section(f"where a start goes, median over {n} traced jobs (command: date)"):
-        total = statistics.median(s["returned"] - s["request"] for s in samples) * 1000
-        parts = 0.0
+        for gap, samples in runs.items():
+            jobs: list[tuple[str, dict[str, float]]] = []
+            for i in range(WARMUP + n):
+                await trio.sleep(gap)
+                marks.clear()
+                marks["request"] = time.perf_counter()
+                job = await joblet.run("date", "+%s.%N")
+                marks["returned"] = time.perf_counter()
+                assert job.status is JobStatus.RUNNING, job
+                final = await joblet.wait(job.id)
+                assert final.status is JobStatus.COMPLETED, final
+                if i >= WARMUP:
+                    jobs.append((job.id, dict(marks)))
+            # Read the logs afterwards: the spacing of the starts stays that of the `start`
+            # figure (it matters: see the cgroup join).
+            for job_id, sample in jobs:
+                out, err = await joblet.streams(job_id)
+                for line in err.decode().splitlines():
+                    if line.startswith("JOBLET-STAGE1-TRACE "):
+                        for item in line.split()[1:]:
+                            key, value = item.split("=")
+                            sample[key] = float(value)
+                sample["command"] = float(out.decode()) - to_mono
+                samples.append(sample)
+
+    def p50_p90(start: str, end: str, gap: float) -> str:
+        d = [(s[end] - s[start]) * 1000 for s in runs[gap]]
+        return f"{statistics.median(d):.2f} / {pct(d, 90):.1f}"
+
+    idle = f"after {IDLE_GAP * 1000:.0f} ms idle"
+    with section(f"where a start goes: {n} traced jobs (command: date), p50 / p90 in ms"):
+        row("", "back to back", "", idle)
         for label, start, end in PHASES:
-            d = [(s[end] - s[start]) * 1000 for s in samples]
-            p50 = statistics.median(d)
-            parts += p50
-            row(
-                label,
-                f"{p50:.2f} ms",
-                "p90 | p50 share of request->RUNNING",
-                f"{pct(d, 90):.1f} | {p50 / total:.0%}",
-            )
-        row("sum of the medians", f"{parts:.1f} ms", "median request->RUNNING", f"{total:.1f} ms")
-        forked = statistics.median(s["forked"] - s["spawn"] for s in samples) * 1000
-        row("(open_process call to return, in a thread)", f"{forked:.2f} ms")
-        after = statistics.median(s["command"] - s["exec"] for s in samples) * 1000
-        late = statistics.median(s["command"] - s["returned"] for s in samples) * 1000
-        row("after RUNNING: execve(unshare) -> command runs", f"{after:.2f} ms")
-        row("  (the command runs this long after RUNNING)", f"{late:.2f} ms")
+            row(label, p50_p90(start, end, 0.0), "", p50_p90(start, end, IDLE_GAP))
+        row(
+            "request->RUNNING",
+            p50_p90("request", "returned", 0.0),
+            "",
+            p50_p90("request", "returned", IDLE_GAP),
+        )
+        row(
+            "(open_process call to return, in a thread)",
+            p50_p90("spawn", "forked", 0.0),
+            "",
+            p50_p90("spawn", "forked", IDLE_GAP),
+        )
+        row(
+            "after RUNNING: execve(unshare) -> command runs",
+            p50_p90("exec", "command", 0.0),
+            "",
+            p50_p90("exec", "command", IDLE_GAP),
+        )
+        row(
+            "  (the command runs this long after RUNNING)",
+            p50_p90("returned", "command", 0.0),
+            "",
+            p50_p90("returned", "command", IDLE_GAP),
+        )
 
 
 # --- engine: logs -----------------------------------------------------------------------------
@@ -656,7 +676,8 @@ def cli() -> None:
         const=50,
         default=0,
         metavar="N",
-        help="with start: where a start's time goes, over N traced jobs (default 50)",
+        help="with start: where a start's time goes, over N traced jobs back to back and N "
+        "after idle (default 50)",
     )
     every = [*ENGINE_BENCHES, *PROCESS_BENCHES]
     parser.add_argument("--only", default="", help="comma-separated: " + ",".join(every))
