@@ -183,7 +183,37 @@ def crashable_daemon(
             if not failed:
                 raise
         finally:
+            if ctl is not None:
+                # A failed test may leave a killed daemon's jobs behind: take them down.
+                _force_remove_jobs(ctl.daemon.cgroup_parent)
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _force_remove_jobs(parent: str) -> None:
+    """Kill every process in the parent's job groups and remove the groups; never fails."""
+    for _ in range(50):
+        groups = _job_cgroups(parent)
+        if not groups:
+            break
+        for group in groups:
+            for procs in group.rglob("cgroup.procs"):
+                for pid in procs.read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            for sub in sorted(group.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+        time.sleep(POLL)
+    _remove_parent(parent)
 
 
 def _spawn(base: Path, config: Mapping[str, Any] | None, *, port: int, parent: str) -> Daemon:

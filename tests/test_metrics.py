@@ -283,6 +283,7 @@ def metrics_dir(joblet: Harness) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.cgroup2  # the v2 driver's stats too, in `just test-cgroup2`
 @pytest.mark.joblet_config(metrics=MetricsSection(interval=0.5))
 async def test_cpu_limited_job_shows_its_share_and_its_memory(joblet: Harness) -> None:
     with trio.fail_after(60):
