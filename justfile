@@ -1,5 +1,8 @@
 # joblet tasks. Every recipe bootstraps .venv itself (see `setup`).
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach the commands as "$@", with their quoting intact
+# (`just rnx job run sh -c 'echo a; echo b'` passes one argument after -c).
+set positional-arguments := true
 
 venv := justfile_directory() / ".venv"
 py := venv / "bin/python"
@@ -23,15 +26,15 @@ setup:
 
 # Start the daemon on the embedded default (state in ./state, port 50051).
 serve *ARGS: setup
-    "{{py}}" -m joblet.main serve {{ARGS}}
+    "{{py}}" -m joblet.main serve "$@"
 
 # Run the test suite (real processes, real cgroups: run as root).
 test *ARGS: setup
-    "{{py}}" -m pytest {{ARGS}}
+    "{{py}}" -m pytest "$@"
 
 # Run the cgroup v2 tests inside a real cgroup v2 kernel (qemu, host root shared read-only).
 test-cgroup2 *ARGS: setup
-    "{{py}}" -m tests.vm.run_v2 {{ARGS}}
+    "{{py}}" -m tests.vm.run_v2 "$@"
 
 # Lint and type-check.
 lint: setup
@@ -46,7 +49,7 @@ fmt: setup
 
 # Benchmarks: figures printed next to baselines measured in the same run.
 bench *ARGS: setup
-    "{{py}}" -m benchmarks.run {{ARGS}}
+    "{{py}}" -m benchmarks.run "$@"
 
 # Regenerate the protobuf/purerpc code from proto/ (output is committed).
 proto: setup
@@ -57,4 +60,4 @@ rnx *ARGS: setup
     JOBLET_CA_PATH="{{justfile_directory()}}/state/certs/ca-cert.pem" \
     JOBLET_CERT_PATH="{{justfile_directory()}}/state/certs/admin-client-cert.pem" \
     JOBLET_KEY_PATH="{{justfile_directory()}}/state/certs/admin-client-key.pem" \
-    "{{venv}}/bin/rnx" {{ARGS}}
+    "{{venv}}/bin/rnx" "$@"
