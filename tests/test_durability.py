@@ -116,6 +116,7 @@ async def test_ended_jobs_and_their_logs_survive_a_restart(kept_state: tuple[Pat
             before = {j.id: j for j in [await first.wait(ok.id), await first.wait(bad.id)]}
             before[stopped.id] = first.engine.get(stopped.id)
             logs = {j: await first.streams(j) for j in before}
+            metrics = [s async for s in first.engine.follow_metrics(ok.id)]
             node_id = first.node.engine.context.node_id
         async with open_harness(cfg, state_dir=state, cgroup_parent=parent) as second:
             after = {j.id: j for j in second.engine.list_jobs()}
@@ -123,6 +124,8 @@ async def test_ended_jobs_and_their_logs_survive_a_restart(kept_state: tuple[Pat
             assert [j.id for j in second.engine.list_jobs()] == [ok.id, bad.id, stopped.id]
             for job_id, streams in logs.items():
                 assert await second.streams(job_id) == streams
+            assert metrics  # at least the start and the final sample
+            assert [s async for s in second.engine.follow_metrics(ok.id)] == metrics
             assert second.engine.get(ok.id[:8]).node_id == node_id
             assert after[bad.id].exit_code == 7
             assert after[stopped.id].status is JobStatus.STOPPED
