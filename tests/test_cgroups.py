@@ -39,6 +39,7 @@ from joblet.sys.cgroups import (
     parse_cpu_list,
 )
 from joblet.sys.devices import block_device_numbers, block_devices, disk_for_path
+from tests.conftest import IN_CI, require_root
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V2_HOST = (CGROUP_ROOT / "cgroup.controllers").exists()
@@ -51,14 +52,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 JOIN = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 99; shift; done; shift; echo joined; exec "$@"'
 )
-
-
-def require_root() -> None:
-    """Real cgroups need root: a failure in CI, a skip elsewhere."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the cgroup tests need root; CI must run as root")
-        pytest.skip("needs root (real cgroups)")
 
 
 async def wait_exited(pids: list[int]) -> None:
@@ -483,10 +476,13 @@ def disk_dir() -> Path:
     for c in candidates:
         if c and os.path.isdir(c) and disk_for_path(c) is not None:
             return Path(c)
-    pytest.skip(
+    reason = (
         "no directory on a real block device to write to (tried /var/tmp, /tmp); "
         "set JOBLET_TEST_IO_DIR to one"
     )
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.mark.slow
