@@ -8,6 +8,10 @@ clock) and writes the marks as one line to stderr (the job's stderr, so the benc
 the job's log) just before the final ``execve``::
 
     JOBLET-STAGE1-TRACE main=<t> imported=<t> spec=<t> joined=<t> root=<t> built=<t> exec=<t>
+
+``spec`` is when it has its launch spec. A stage 1 from the pool of waiting ones
+(``isolation.prestart``) was started long before its job: its ``main`` and ``imported`` come
+before the request.
 """
 
 import time
@@ -58,7 +62,8 @@ def run():
     import _stage1
 
     _mark("imported")
-    _around(_stage1, "join_cgroups", "spec", "joined")
+    _around(_stage1, "receive", "waiting", "spec")
+    _around(_stage1, "join_cgroups", "joining", "joined")
     _around(_stage1, "build_root", "root", "built")
     os.execve = _traced_execve(os.execve)
     _stage1.main()

@@ -8,7 +8,8 @@ Engine (in-process harness, no gRPC):
   starts after a pause (as a lone request meets them); then the same number of starts at once
   (wall time until all are RUNNING), next to as many ``unshare`` processes spawned at once.
   ``--breakdown [N]`` adds where the time of a start goes, from timestamps taken along the way
-  over N more jobs (see :func:`start_breakdown`);
+  over N more jobs (see :func:`start_breakdown`); ``--prestart N`` sets the number of stage-1
+  processes kept waiting (``isolation.prestart``; 0 starts each with its job, as before the pool);
 - ``logs``: MB/s of one job's output delivered to a live subscriber and written to disk (the clock
   stops once the log files are fsynced and closed, and their content is checked afterwards), next
   to ``gzip -1`` on the same bytes.
@@ -24,7 +25,7 @@ Every section prints the load average (``/proc/loadavg``) before and after it: t
 only comparable at a similar load. Run as root.
 
 Usage: ``python -m benchmarks.run [--jobs 200] [--log-mb 200] [--rate-seconds 3]
-[--breakdown [N]] [--only start,logs,grpc]``.
+[--breakdown [N]] [--prestart N] [--only start,logs,grpc]``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import attrs
 import grpc
 import trio
 
+from joblet.actors.prestart import Stage1Pool
 from joblet.certs import CertPaths
 from joblet.config import Config
 from joblet.harness import Harness, open_harness
@@ -55,6 +57,7 @@ from joblet.rpc._gen import joblet_pb2 as pb
 from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
 from joblet.store.logfiles import LogFileReader
 from joblet.sys import launch
+from joblet.sys.cgroups import CgroupDriver
 
 from ._stage1_trace import BOOT as STAGE1_TRACE_BOOT
 
@@ -272,7 +275,7 @@ async def bench_start(joblet: Harness, args: argparse.Namespace, results: Result
         row(f"all {n} ended and cleaned up (wall time)", f"{t_done:.2f} s")
 
     if args.breakdown:
-        await start_breakdown(joblet, args.breakdown)
+        await start_breakdown(args)
 
 
 #: The phases of a start, as (description, from, to) timestamps; they follow each other, so their
@@ -282,9 +285,7 @@ PHASES = (
     ("engine: validate, actor, nursery.start", "request", "cgroup"),
     ("cgroup create (mkdir per hierarchy, limits)", "cgroup", "cgroup_done"),
     ("job dirs (root, work, chown), launch spec", "cgroup_done", "spawn"),
-    ("fork+exec stage 1, interpreter start-up", "spawn", "main"),
-    ("stage 1: import _stage1 (ctypes, CDLL)", "main", "imported"),
-    ("stage 1: read the launch spec", "imported", "spec"),
+    ("spec sent -> stage 1 has it (see below)", "spawn", "spec"),
     ("stage 1: join cgroups, check /proc/self/cgroup", "spec", "joined"),
     ("stage 1: unshare, sethostname", "joined", "root"),
     ("stage 1: build the root (mounts, /etc, /dev)", "root", "built"),
@@ -292,18 +293,25 @@ PHASES = (
     ("execve(unshare) to the daemon seeing EOF", "exec", "eof"),
     ("EOF to run_job returning RUNNING", "eof", "returned"),
 )
+#: What "spec sent -> stage 1 has it" holds for a stage 1 started with its job (no waiting one
+#: in the pool): the whole start of stage 1.
+COLD_PHASES = (
+    ("  cold: fork+exec stage 1, interpreter start-up", "spawn", "main"),
+    ("  cold: import _stage1 (ctypes, CDLL)", "main", "imported"),
+    ("  cold: wait for and read the launch spec", "imported", "spec"),
+)
 
 
 @contextmanager
-def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
-    """Timestamp a start on the daemon side and run the tracing stage 1 (bench-only patching).
+def traced_launch(pool: Stage1Pool, driver: CgroupDriver) -> Iterator[dict[str, float]]:
+    """Timestamp a start on the daemon side (bench-only patching of the node's objects).
 
-    Yields the dict the wrappers write ``time.perf_counter()`` marks into (one job at a time).
+    Stage 1 is traced by :data:`STAGE1_TRACE_BOOT`, which must be in place before the pool starts
+    its processes (see :func:`start_breakdown`). Yields the dict the wrappers write
+    ``time.perf_counter()`` marks into (one job at a time).
     """
     marks: dict[str, float] = {}
-    driver = joblet.engine.context.driver
-    real_create, real_spawn = driver.create, launch.spawn
-    real_open, real_boot = trio.lowlevel.open_process, launch.STAGE1_BOOT
+    real_create, real_spawn = driver.create, pool.spawn
 
     def create(job_id: str, limits: Any) -> None:
         marks["cgroup"] = time.perf_counter()
@@ -316,68 +324,74 @@ def traced_launch(joblet: Harness) -> Iterator[dict[str, float]]:
         marks["eof"] = time.perf_counter()
         return proc
 
-    async def open_process(*a: Any, **kw: Any) -> trio.Process:
-        proc = await real_open(*a, **kw)
-        marks["forked"] = time.perf_counter()
-        return proc
-
     driver.create = create  # type: ignore[method-assign]
-    launch.spawn = spawn
-    trio.lowlevel.open_process = open_process
-    launch.STAGE1_BOOT = STAGE1_TRACE_BOOT
+    pool.spawn = spawn  # type: ignore[method-assign]
     try:
         yield marks
     finally:
-        del driver.create
-        assert driver.create == real_create
-        launch.spawn = real_spawn
-        trio.lowlevel.open_process = real_open
-        launch.STAGE1_BOOT = real_boot
+        del driver.create, pool.spawn
+        assert driver.create == real_create and pool.spawn == real_spawn
 
 
-async def start_breakdown(joblet: Harness, n: int) -> None:
-    """Where the time of a start goes: p50 and p90 of each phase over n traced jobs, back to back
-    and after :data:`IDLE_GAP` of idle.
+async def start_breakdown(args: argparse.Namespace) -> None:
+    """Where the time of a start goes: p50 and p90 of each phase over ``args.breakdown`` traced
+    jobs, back to back and after :data:`IDLE_GAP` of idle.
 
-    The job is ``date +%s.%N``, which prints the (realtime) moment the command runs, so the
-    table also shows how long after stage 1's ``execve`` (which is when the daemon reports
-    RUNNING) the command really starts.
+    Runs in a harness of its own, whose stage-1 processes (the waiting ones of the pool too) are
+    the tracing ones. The job is ``date +%s.%N``, which prints the (realtime) moment the command
+    runs, so the table also shows how long after stage 1's ``execve`` (which is when the daemon
+    reports RUNNING) the command really starts.
     """
+    n = args.breakdown
     to_mono = time.time() - time.perf_counter()
     runs: dict[float, list[dict[str, float]]] = {0.0: [], IDLE_GAP: []}
-    with traced_launch(joblet) as marks:
-        for gap, samples in runs.items():
-            jobs: list[tuple[str, dict[str, float]]] = []
-            for i in range(WARMUP + n):
-                await trio.sleep(gap)
-                marks.clear()
-                marks["request"] = time.perf_counter()
-                job = await joblet.run("date", "+%s.%N")
-                marks["returned"] = time.perf_counter()
-                assert job.status is JobStatus.RUNNING, job
-                final = await joblet.wait(job.id)
-                assert final.status is JobStatus.COMPLETED, final
-                if i >= WARMUP:
-                    jobs.append((job.id, dict(marks)))
-            # Read the logs afterwards: the spacing of the starts stays that of the `start`
-            # figure (it matters: see the cgroup join).
-            for job_id, sample in jobs:
-                out, err = await joblet.streams(job_id)
-                for line in err.decode().splitlines():
-                    if line.startswith("JOBLET-STAGE1-TRACE "):
-                        for item in line.split()[1:]:
-                            key, value = item.split("=")
-                            sample[key] = float(value)
-                sample["command"] = float(out.decode()) - to_mono
-                samples.append(sample)
+    real_boot = launch.STAGE1_BOOT
+    launch.STAGE1_BOOT = STAGE1_TRACE_BOOT
+    try:
+        async with open_harness(bench_config(args)) as joblet:
+            ctx = joblet.engine.context
+            with traced_launch(ctx.launcher, ctx.driver) as marks:
+                for gap, samples in runs.items():
+                    jobs: list[tuple[str, dict[str, float]]] = []
+                    for i in range(WARMUP + n):
+                        await trio.sleep(gap)
+                        marks.clear()
+                        marks["request"] = time.perf_counter()
+                        job = await joblet.run("date", "+%s.%N")
+                        marks["returned"] = time.perf_counter()
+                        assert job.status is JobStatus.RUNNING, job
+                        final = await joblet.wait(job.id)
+                        assert final.status is JobStatus.COMPLETED, final
+                        if i >= WARMUP:
+                            jobs.append((job.id, dict(marks)))
+                    # Read the logs afterwards: the spacing of the starts stays that of the
+                    # `start` figure (it matters: see the cgroup join).
+                    for job_id, sample in jobs:
+                        out, err = await joblet.streams(job_id)
+                        for line in err.decode().splitlines():
+                            if line.startswith("JOBLET-STAGE1-TRACE "):
+                                for item in line.split()[1:]:
+                                    key, value = item.split("=")
+                                    sample[key] = float(value)
+                        sample["command"] = float(out.decode()) - to_mono
+                        samples.append(sample)
+    finally:
+        launch.STAGE1_BOOT = real_boot
 
-    def p50_p90(start: str, end: str, gap: float) -> str:
-        d = [(s[end] - s[start]) * 1000 for s in runs[gap]]
-        return f"{statistics.median(d):.2f} / {pct(d, 90):.1f}"
+    def cold(sample: dict[str, float]) -> bool:
+        return sample["main"] > sample["spawn"]
+
+    def p50_p90(start: str, end: str, gap: float, only_cold: bool = False) -> str:
+        d = [(s[end] - s[start]) * 1000 for s in runs[gap] if cold(s) or not only_cold]
+        return f"{statistics.median(d):.2f} / {pct(d, 90):.1f}" if d else "-"
+
+    def pooled(gap: float) -> str:
+        return f"{sum(not cold(s) for s in runs[gap])} of {len(runs[gap])}"
 
     idle = f"after {IDLE_GAP * 1000:.0f} ms idle"
     with section(f"where a start goes: {n} traced jobs (command: date), p50 / p90 in ms"):
         row("", "back to back", "", idle)
+        row("stage 1 from the pool (the others cold)", pooled(0.0), "", pooled(IDLE_GAP))
         for label, start, end in PHASES:
             row(label, p50_p90(start, end, 0.0), "", p50_p90(start, end, IDLE_GAP))
         row(
@@ -386,12 +400,8 @@ async def start_breakdown(joblet: Harness, n: int) -> None:
             "",
             p50_p90("request", "returned", IDLE_GAP),
         )
-        row(
-            "(open_process call to return, in a thread)",
-            p50_p90("spawn", "forked", 0.0),
-            "",
-            p50_p90("spawn", "forked", IDLE_GAP),
-        )
+        for label, start, end in COLD_PHASES:
+            row(label, p50_p90(start, end, 0.0, True), "", p50_p90(start, end, IDLE_GAP, True))
         row(
             "after RUNNING: execve(unshare) -> command runs",
             p50_p90("exec", "command", 0.0),
@@ -649,14 +659,22 @@ def bench_persist(args: argparse.Namespace, results: Results) -> None:
 # --- main -------------------------------------------------------------------------------------
 
 
-async def run_engine_benches(names: list[str], args: argparse.Namespace, results: Results) -> None:
-    """Run the selected engine benchmarks in one harness."""
+def bench_config(args: argparse.Namespace) -> Config:
+    """The configuration of the engine benchmarks' harness."""
     base = Config()
     # Room for the "starts at once" figure.
     joblet_cfg = attrs.evolve(
         base.joblet, max_concurrent_jobs=max(base.joblet.max_concurrent_jobs, args.jobs)
     )
-    async with open_harness(base, joblet=joblet_cfg) as joblet:
+    isolation = base.isolation
+    if args.prestart is not None:
+        isolation = attrs.evolve(isolation, prestart=args.prestart)
+    return attrs.evolve(base, joblet=joblet_cfg, isolation=isolation)
+
+
+async def run_engine_benches(names: list[str], args: argparse.Namespace, results: Results) -> None:
+    """Run the selected engine benchmarks in one harness."""
+    async with open_harness(bench_config(args)) as joblet:
         for name in names:
             await ENGINE_BENCHES[name](joblet, args, results)
 
@@ -678,6 +696,14 @@ def cli() -> None:
         metavar="N",
         help="with start: where a start's time goes, over N traced jobs back to back and N "
         "after idle (default 50)",
+    )
+    parser.add_argument(
+        "--prestart",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stage-1 processes kept waiting (isolation.prestart) in the engine benchmarks' "
+        "harness; 0 starts each with its job (default: the configuration's default)",
     )
     every = [*ENGINE_BENCHES, *PROCESS_BENCHES]
     parser.add_argument("--only", default="", help="comma-separated: " + ",".join(every))

@@ -72,6 +72,8 @@ class IsolationSection:
         system_dirs: Host directories bind-mounted read-only into the job root.
         etc_files: Host files under /etc copied read-only into the job root (name resolution etc.).
         tmp_size_mb: Size of the job's private /tmp (tmpfs, charged to the job's memory limit).
+        prestart: Stage-1 processes kept started and waiting for a job, so a job start skips
+            their start-up (0 = start each one with its job).
     """
 
     run_as_uid: int = 65534
@@ -85,6 +87,7 @@ class IsolationSection:
         "/etc/ld.so.cache",
     )
     tmp_size_mb: int = 64
+    prestart: int = 2
 
 
 @attrs.frozen

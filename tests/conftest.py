@@ -58,6 +58,25 @@ def processes_in_cgroup_named(name: str) -> list[int]:
     return pids
 
 
+def stage1_children(ppid: int) -> list[int]:
+    """PIDs of the live children of ``ppid`` that are stage-1 processes still waiting for a job.
+
+    A stage 1 that took a job has exec'd ``unshare`` by then, so it no longer matches.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != "Z" and int(stat[1]) == ppid and b"import _stage1" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
 def make_config(
     *, metrics: MetricsSection | None = None, logs: LogsSection | None = None, **joblet: Any
 ) -> Config:
@@ -88,5 +107,6 @@ async def joblet(root: None, request: pytest.FixtureRequest) -> AsyncIterator[Ha
         state = harness.state_dir
         yield harness
     assert processes_in_cgroup_named(parent) == [], "job processes left behind"
+    assert stage1_children(os.getpid()) == [], "waiting stage-1 processes left behind"
     assert cgroup_dirs_named(parent) == [], "job cgroups left behind"
     assert not state.exists(), "harness state directory left behind"

@@ -12,8 +12,9 @@ Example::
 :func:`running_daemon` starts ``python -m joblet.main serve`` on 127.0.0.1 and a free port with a
 temporary state directory and a cgroup parent of its own, and returns once the port completes a
 mutual TLS handshake with the admin certificate. On exit it sends SIGTERM and checks that the
-daemon exited 0 and left no job process and no job cgroup behind (an :class:`AssertionError`
-otherwise), then removes the state directory. It needs root, like the daemon.
+daemon exited 0 and left no job process, no job cgroup and none of its waiting stage-1 processes
+behind (an :class:`AssertionError` otherwise), then removes the state directory. It needs root,
+like the daemon.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import yaml
 
 from joblet.certs import CertPaths
 from joblet.sys.cgroups import DAEMON_LEAF
-from tests.conftest import CGROUP_ROOT, processes_in_cgroup_named
+from tests.conftest import CGROUP_ROOT, processes_in_cgroup_named, stage1_children
 
 REPO = Path(__file__).resolve().parents[1]
 #: Poll interval while waiting for the daemon's port or a log line (waiting on another process).
@@ -304,6 +305,7 @@ def _wait_until_serving(daemon: Daemon, timeout: float) -> None:
 
 def _stop(daemon: Daemon, timeout: float) -> None:
     process = daemon.process
+    waiting = stage1_children(process.pid)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
@@ -316,10 +318,20 @@ def _stop(daemon: Daemon, timeout: float) -> None:
         ) from None
     leftovers = _job_cgroups(daemon.cgroup_parent)
     processes = processes_in_cgroup_named(daemon.cgroup_parent)
+    stage1 = [pid for pid in waiting if _alive(pid)]
     _remove_parent(daemon.cgroup_parent)
     assert rc == 0, f"daemon exited with {rc}; log:\n{daemon.log()[-4000:]}"
     assert processes == [], f"job processes left behind: {processes}"
+    assert stage1 == [], f"waiting stage-1 processes left behind: {stage1}"
     assert leftovers == [], f"job cgroups left behind: {leftovers}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _parent_dirs(parent: str) -> list[Path]:

@@ -112,6 +112,7 @@ def test_every_key(tmp_path: Path) -> None:
           systemDirs: [/usr, /bin]
           etcFiles: []
           tmpSizeMb: 16
+          prestart: 0
         cgroup:
           driver: v2
           root: /mnt/cgroup
@@ -168,6 +169,7 @@ def test_every_key(tmp_path: Path) -> None:
             system_dirs=("/usr", "/bin"),
             etc_files=(),
             tmp_size_mb=16,
+            prestart=0,
         ),
         cgroup=CgroupSection(driver="v2", root="/mnt/cgroup", parent="joblet/test"),
         logs=LogsSection(
@@ -194,6 +196,15 @@ def test_every_key(tmp_path: Path) -> None:
                 assert getattr(value, field.name) != getattr(default, field.name), field.name
         else:
             assert value != default
+
+
+def test_prestart_sets_the_stage1_pool_size(tmp_path: Path) -> None:
+    assert Config().isolation.prestart == 2
+    assert _load(tmp_path, "isolation:\n  prestart: 0\n").isolation.prestart == 0
+    assert _load(tmp_path, "isolation:\n  prestart: 8\n").isolation.prestart == 8
+    assert _problems(tmp_path, "isolation:\n  prestart: 65\n") == [
+        "isolation.prestart: must be between 0 and 64 (got 65)"
+    ]
 
 
 def test_dump_default_config_round_trips(tmp_path: Path) -> None:
@@ -279,6 +290,11 @@ def _camel(name: str) -> str:
             "isolation.etcFiles[1]: must be an absolute path (got 'hosts')",
         ),
         ("isolation:\n  tmpSizeMb: 0\n", "isolation.tmpSizeMb: must be positive (got 0)"),
+        (
+            "isolation:\n  prestart: -1\n",
+            "isolation.prestart: must be between 0 and 64 (got -1)",
+        ),
+        ("isolation:\n  prestart: 2.0\n", "isolation.prestart: expected an integer, got 2.0"),
         ("cgroup:\n  driver: v3\n", "cgroup.driver: must be one of auto, v1, v2 (got 'v3')"),
         ("cgroup:\n  driver: V2\n", "cgroup.driver: must be one of auto, v1, v2 (got 'V2')"),
         ("cgroup:\n  root: sys/fs\n", "cgroup.root: must be an absolute path (got 'sys/fs')"),

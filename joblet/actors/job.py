@@ -22,6 +22,7 @@ import trio
 from joblet import logfmt
 from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
+from joblet.actors.prestart import Stage1Pool
 from joblet.config import Config
 from joblet.errors import StartFailed
 from joblet.model import JobInfo, JobSpec, JobStatus
@@ -46,6 +47,7 @@ class JobContext:
         logs_dir: Where persisted logs live.
         metrics_dir: Where persisted metrics live (``<state>/metrics``).
         metrics: The job samplers and their followers.
+        launcher: Starts stage 1 for each job (from its pool of waiting ones when it can).
         init: Path of the job PID 1 binary (dumb-init).
         unshare: Path of util-linux unshare.
         node_id: This node's id.
@@ -59,6 +61,7 @@ class JobContext:
     logs_dir: Path
     metrics_dir: Path
     metrics: MetricsHub
+    launcher: Stage1Pool
     init: str
     unshare: str
     node_id: str
@@ -232,7 +235,7 @@ class JobActor:
             init=ctx.init,
             unshare=ctx.unshare,
         )
-        return await launch.spawn(spec)
+        return await ctx.launcher.spawn(spec)
 
     async def _supervise(self, proc: trio.Process) -> None:
         cfg = self._ctx.config.joblet

@@ -1,10 +1,12 @@
 """The root of the supervisor tree: one joblet node and the system actors it owns.
 
 :func:`open_node` is what both ``joblet serve`` and the in-process harness run. It detects the
-cgroup driver and prepares the parent group, starts the persist actor under a supervisor, recovers
-from an earlier run that did not end cleanly (see :func:`recover`), runs the engine, and removes
-the files of jobs that ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops
-every job gracefully, flushes the logs and removes what the node created under the cgroup parent.
+cgroup driver and prepares the parent group, starts the persist actor and the pool of waiting
+stage-1 processes (:mod:`joblet.actors.prestart`) under supervisors, recovers from an earlier run
+that did not end cleanly (see :func:`recover`), runs the engine, and removes the files of jobs that
+ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops every job gracefully,
+flushes the logs, stops the waiting stage-1 processes and removes what the node created under the
+cgroup parent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from joblet.actors.engine import Engine
 from joblet.actors.job import JobContext
 from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
+from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
@@ -96,6 +99,7 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         logs_dir=state / "logs",
         metrics_dir=state / "metrics",
         metrics=MetricsHub(state / "metrics", config.metrics, driver),
+        launcher=Stage1Pool(config.isolation.prestart),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
         node_id=load_node_id(state),
@@ -109,6 +113,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     )
     async with trio.open_nursery() as system:
         await system.start(supervise, "persist", persist.run)
+        # Before the engine and stopped after it: every job start goes through it.
+        await system.start(supervise, "stage1-pool", ctx.launcher.run)
         past = await recover(ctx, past)
         engine = Engine(ctx, past)
         async with trio.open_nursery() as jobs:

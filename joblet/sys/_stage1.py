@@ -5,11 +5,14 @@ imports this module (see :data:`joblet.sys.launch.STAGE1_BOOT`), so the interpre
 bytecode instead of compiling the file on every start, as it would for a script. It uses the
 standard library only (no site-packages, no joblet imports) and imports nothing it does not run,
 so it stays small and fast: every module imported here is paid for on every job start. It runs as
-root in the daemon's namespaces and, in this order:
+root in the daemon's namespaces. The daemon may start it well before there is a job for it (the
+pool of :class:`joblet.sys.launch.Stage1Pool`): nothing about a job reaches it before its spec.
 
-1. reads the job's launch spec (``marshal`` format: builtin, so nothing to import; the daemon
-   runs the same interpreter) from the status socket (its fd number is ``argv[1]``), which
-   the daemon shuts for writing;
+1. It waits for the job's launch spec on the status socket (its fd number is ``argv[1]``): one
+   message, a 4-byte big-endian length and a ``marshal`` document (builtin, so nothing to
+   import; the daemon runs the same interpreter). EOF instead means the daemon is gone or let it
+   go: it exits at once, having done nothing. Once it has the spec it writes :data:`ACK`: from
+   then on the job is this process's, and the daemon never hands it to another one;
 2. joins the job's cgroup(s) by writing its own PID, then verifies ``/proc/self/cgroup``, so that
    nothing the job does can escape its limits (the only race-free way on cgroup v1);
 3. unshares the mount, UTS, IPC and cgroup namespaces (and network, when the job asks for none),
@@ -20,8 +23,9 @@ root in the daemon's namespaces and, in this order:
    ``/proc``, chroot and drop to the unprivileged uid/gid; ``unshare`` then execs ``dumb-init`` as
    PID 1 of the job, which runs the command as its child, forwards signals and reaps zombies.
 
-The status socket is close-on-exec: the daemon sees EOF exactly when the exec succeeded. Any
-failure before that is written to it as one line of text and the process exits with status 127.
+The status socket is close-on-exec: after the :data:`ACK`, the daemon sees EOF exactly when the
+exec succeeded. Any failure before that is written to it as one line of text and the process exits
+with status 127.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
 PR_SET_NO_NEW_PRIVS = 38
+
+#: Written to the status socket once the launch spec is in: the job is this process's from then on.
+#: The same byte as :data:`joblet.sys.launch.ACK`.
+ACK = b"\x06"
+#: Size of the length that precedes a message from the daemon (big-endian).
+HEADER_SIZE = 4
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -208,18 +218,46 @@ def resolve_command(root: str, command: str, path: str) -> str:
     raise SetupError(f"command not found: {command}")
 
 
+def receive(status: BinaryIO) -> dict[str, Any] | None:
+    """Wait for the daemon's message: a length, then that many bytes of ``marshal``.
+
+    Returns:
+        The message, or None at EOF before its first byte (the daemon is gone, or let us go).
+    """
+    header = _read_exactly(status, HEADER_SIZE)
+    if not header:
+        return None
+    size = int.from_bytes(header, "big")
+    body = _read_exactly(status, size)
+    if len(header) < HEADER_SIZE or len(body) < size:
+        raise SetupError("launch spec truncated")
+    message: dict[str, Any] = marshal.loads(body)
+    return message
+
+
+def _read_exactly(status: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, or fewer at EOF."""
+    data = b""
+    while len(data) < size:
+        part = status.read(size - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
 def main() -> None:
     """Run stage 1; never returns on success (it execs)."""
     status_fd = int(sys.argv[1])
     status = os.fdopen(status_fd, "r+b", buffering=0)
     try:
-        raw = b""
-        while True:
-            part = status.read(65536)
-            if not part:
-                break
-            raw += part
-        spec = marshal.loads(raw)
+        try:
+            spec = receive(status)
+        except KeyboardInterrupt:
+            spec = None  # a Ctrl-C meant for the daemon, in its process group
+        if spec is None:
+            os._exit(0)  # no job was given: nothing was done
+        status.write(ACK)
         os.set_inheritable(status_fd, False)
         join_cgroups(spec["membership"])
         flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP

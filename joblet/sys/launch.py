@@ -2,9 +2,11 @@
 
 The daemon never unshares or changes its own namespaces. It starts ``_stage1.py`` with the real
 interpreter (``sys.executable -I -S``, never a PATH shim; see :data:`STAGE1_BOOT`), hands it the
-launch spec over a socket, and learns from the same socket whether everything up to the final exec
-worked (EOF) or what failed (one line of text). See ``_stage1.py`` for what happens on the other
-side.
+launch spec over a socket, and learns from the same socket that stage 1 took the spec
+(:data:`ACK`), then whether everything up to the final exec worked (EOF) or what failed (one line
+of text). Stage 1 may be started before its job exists (:class:`Stage1`, kept ready by
+:class:`joblet.actors.prestart.Stage1Pool`): it learns everything about its job from the spec. See
+``_stage1.py`` for what happens on the other side.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 #: Longest a stage-1 status report may be; it is one line of text.
 _STATUS_MAX = 65536
+#: Stage 1 writes this byte once it has the launch spec (``_stage1.ACK``): the job is its own.
+ACK = b"\x06"
+#: Size of the big-endian length before the launch spec on the status socket (``_stage1``).
+HEADER_SIZE = 4
 
 
 def find_init() -> str:
@@ -117,10 +123,11 @@ class LaunchSpec:
 
 
 async def spawn(spec: LaunchSpec) -> trio.Process:
-    """Start a job and return once its command is about to run.
+    """Start a stage 1 for this job and return once its command is about to run.
 
     The returned process is stage 1 turned into the ``unshare`` parent: it lives as long as the
-    job's PID 1 and exits with its status.
+    job's PID 1 and exits with its status. :meth:`Stage1.hand_over` does the same with a stage 1
+    started ahead of time (see :class:`joblet.actors.prestart.Stage1Pool`).
 
     Args:
         spec: The launch spec.
@@ -129,58 +136,134 @@ async def spawn(spec: LaunchSpec) -> trio.Process:
         The running process, with ``stdout`` and ``stderr`` pipes.
 
     Raises:
-        StartFailed: Stage 1 reported a failure (the process has been reaped).
+        StartFailed: Stage 1 could not be started or reported a failure (it has been reaped).
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stage1 = await Stage1.start()
     try:
-        theirs.set_inheritable(True)
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-S", "-c", STAGE1_BOOT, str(theirs.fileno())],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(theirs.fileno(),),
-            env={},
-            close_fds=True,
-        )
-    except OSError as e:
-        ours.close()
-        raise StartFailed(f"cannot start stage 1: {e}") from e
-    finally:
-        theirs.close()
-    for pipe in (proc.stdout, proc.stderr):
-        assert pipe is not None
+        return await stage1.hand_over(spec)
+    except Stage1Gone as e:
+        raise StartFailed(f"stage 1 exited before it took the launch spec ({e})") from None
+
+
+class Stage1Gone(Exception):
+    """Stage 1 ended before it took the launch spec: nothing of the job was done."""
+
+
+class Stage1:
+    """A started stage 1 waiting for a launch spec, not knowing which job it will run.
+
+    Exactly what :func:`spawn` starts: ``sys.executable -I -S`` with an empty environment, stdin
+    on ``/dev/null``, stdout and stderr on pipes (they become the job's) and its end of the
+    status socket; nothing else. It exits by itself at EOF on the status socket (the daemon died
+    or closed it). Whoever holds one either hands it a job (:meth:`hand_over`) or closes it
+    (:meth:`aclose`).
+
+    Use :meth:`start` to create one.
+
+    Attributes:
+        proc: The process.
+    """
+
+    def __init__(self, proc: trio.Process, status: trio.SocketStream) -> None:
+        self.proc = proc
+        self._status = status
+
+    @classmethod
+    async def start(cls) -> Stage1:
+        """Start a stage 1.
+
+        Raises:
+            StartFailed: The process could not be started.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
-        except OSError:
-            pass  # capped by /proc/sys/fs/pipe-max-size: the default size still works
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-    try:
-        async with stream:
-            await stream.send_all(spec.encode())
-            await stream.send_eof()
-            report = b""
-            while chunk := await stream.receive_some(_STATUS_MAX):
-                report += chunk
-                if len(report) >= _STATUS_MAX:
-                    break
-    except BaseException:
-        await _reap(proc)
-        raise
-    if report:
-        await _reap(proc)
-        raise StartFailed(report.decode("utf-8", "replace").strip())
-    return proc
-
-
-async def _reap(proc: trio.Process) -> None:
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+            theirs.set_inheritable(True)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-I", "-S", "-c", STAGE1_BOOT, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                env={},
+                close_fds=True,
+            )
+        except OSError as e:
+            ours.close()
+            raise StartFailed(f"cannot start stage 1: {e}") from e
+        finally:
+            theirs.close()
         for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                await pipe.aclose()
+            assert pipe is not None
+            try:
+                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+            except OSError:
+                pass  # capped by /proc/sys/fs/pipe-max-size: the default size still works
+        return cls(proc, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process has not exited (reaps it if it has)."""
+        return self.proc.returncode is None
+
+    async def hand_over(self, spec: LaunchSpec) -> trio.Process:
+        """Send the launch spec and return the process once the job's command is about to run.
+
+        Consumes this object: afterwards the process is the caller's (see :func:`spawn`), or it
+        has been reaped.
+
+        Raises:
+            Stage1Gone: It ended before it took the spec; retrying with another stage 1 is safe.
+            StartFailed: It took the spec, then reported a failure.
+        """
+        body = spec.encode()
+        report = b""
+        try:
+            try:
+                await self._status.send_all(len(body).to_bytes(HEADER_SIZE, "big") + body)
+                while chunk := await self._status.receive_some(_STATUS_MAX):
+                    report += chunk
+                    if len(report) > _STATUS_MAX:
+                        break
+            except trio.BrokenResourceError:
+                # EPIPE or ECONNRESET: it ended without reading everything we sent.
+                if report == ACK:
+                    report += b"stage 1 reset its status socket"
+        except BaseException:
+            await self.aclose()
+            raise
+        if report[:1] != ACK:
+            await self.aclose()
+            if report:  # it could not even read the spec
+                raise StartFailed(report.decode("utf-8", "replace").strip())
+            raise Stage1Gone(_exit_status(self.proc))
+        if report[1:]:
+            await self.aclose()
+            raise StartFailed(report[1:].decode("utf-8", "replace").strip())
+        await self._status.aclose()
+        return self.proc
+
+    async def aclose(self) -> None:
+        """Kill the process if it still runs, reap it, close its pipes and socket (shielded)."""
+        with trio.CancelScope(shield=True):
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.wait()
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    await pipe.aclose()
+            await self._status.aclose()
+
+
+def _exit_status(proc: trio.Process) -> str:
+    code = proc.returncode
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def init_pid(proc: trio.Process) -> int | None:
