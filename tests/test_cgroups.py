@@ -2,9 +2,9 @@
 
 Every driver test runs once per cgroup version. On a cgroup v1 host the v2 cases (marked
 ``cgroup2``) are skipped with a reason and run in the cgroup v2 VM (``just test-cgroup2``); on a
-pure v2 host the v1 cases are skipped. Processes join a group the way the stage-1 helper does:
-they write their own PID to every ``cgroup.procs`` file of :meth:`CgroupDriver.membership`, then
-exec the workload. Each test works under a parent group of its own module
+pure v2 host the v1 cases are skipped. Processes join a group as the stage-1 helper can: they
+write their own PID to every join file of :meth:`CgroupDriver.membership`, then exec the
+workload. Each test works under a parent group of its own module
 (``joblet-test-<random>``), so a real daemon's groups are never touched; after every test no job
 group and no test process may be left, and the parent is removed at the end.
 """
@@ -47,7 +47,7 @@ MIB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-#: Joins every cgroup.procs file given before ``--`` (as the stage-1 helper does), says so on
+#: Joins every join file given before ``--`` (writing its PID: sh has a single thread), says so on
 #: stdout, then execs the workload after ``--``.
 JOIN = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 99; shift; done; shift; echo joined; exec "$@"'
@@ -118,7 +118,7 @@ class Jobs:
 
     async def start(self, job_id: str, *argv: str) -> tuple[trio.Process, Lines]:
         """Start ``argv`` inside the job's group; returns once it has joined (before it runs)."""
-        files = [procs for procs, _field, _expected in self.driver.membership(job_id)]
+        files = [join_file for join_file, _field, _expected in self.driver.membership(job_id)]
         proc = await trio.lowlevel.open_process(
             ["sh", "-c", JOIN, "sh", *files, "--", *argv],
             stdin=subprocess.DEVNULL,
@@ -336,8 +336,8 @@ async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None
         if "cpuset" in _read(group / "cgroup.controllers").split():
             assert _read(group / "cpuset.cpus") == core
 
-    for procs, _field, _expected in driver.membership(job_id):
-        assert _exists(procs)
+    for join_file, _field, _expected in driver.membership(job_id):
+        assert _exists(join_file)
     assert driver.pids(job_id) == []
     assert driver.oom_killed(job_id) is False
     stats = driver.stats(job_id)
@@ -392,13 +392,14 @@ async def test_failed_create_leaves_nothing(jobs: Jobs) -> None:
 
 # --- joining ----------------------------------------------------------------------------------
 
-#: What the stage-1 helper does with the membership data (stdlib only): join, then verify.
+#: What the stage-1 helper does with the membership data (stdlib only, a single thread): join by
+#: writing 0 (itself), then verify.
 STAGE1_CHECK = """
 import json, os, sys
 membership = json.loads(sys.argv[1])
-for procs, _field, _expected in membership:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
+for join_file, _field, _expected in membership:
+    with open(join_file, "w") as f:
+        f.write("0")
 actual = {}
 for line in open("/proc/self/cgroup").read().splitlines():
     _hid, field, path = line.split(":", 2)
@@ -418,6 +419,10 @@ async def test_membership_is_enough_to_join_and_verify(jobs: Jobs) -> None:
         )
         if jobs.driver.version == 2:
             assert membership[0][1] == ""
+            assert membership[0][0].endswith("/cgroup.procs")
+        else:
+            # Per thread, without the kernel's global lock (see CgroupDriver.membership).
+            assert all(join_file.endswith("/tasks") for join_file, _f, _e in membership)
         for _procs, _field, expected in membership:
             assert expected.endswith(f"/{jobs.driver.parent_dirs()[0].name}/{job_id}")
         result = await trio.run_process(

@@ -13,8 +13,12 @@ pool of :class:`joblet.sys.launch.Stage1Pool`): nothing about a job reaches it b
    import; the daemon runs the same interpreter). EOF instead means the daemon is gone or let it
    go: it exits at once, having done nothing. Once it has the spec it writes :data:`ACK`: from
    then on the job is this process's, and the daemon never hands it to another one;
-2. joins the job's cgroup(s) by writing its own PID, then verifies ``/proc/self/cgroup``, so that
-   nothing the job does can escape its limits (the only race-free way on cgroup v1);
+2. joins the job's cgroup(s) by writing ``0`` (itself) to each group's join file, then verifies
+   ``/proc/self/cgroup``, so that nothing the job does can escape its limits (the only race-free
+   way on cgroup v1). On v1 that is the ``tasks`` file, which moves the writing thread without
+   the kernel's global threadgroup lock (after an idle moment, taking that lock waits for an RCU
+   grace period): stage 1 has a single thread, checked before it joins, so the whole process
+   moves;
 3. unshares the mount, UTS, IPC and cgroup namespaces (and network, when the job asks for none),
    builds the job root (read-only binds of the system directories, a writable ``/work``, a private
    ``/tmp``, a minimal ``/dev``), sets the hostname to the job id and sets no_new_privs;
@@ -104,17 +108,25 @@ def _bind(source: str, target: str, *, readonly: bool, extra: int = 0) -> None:
 
 
 def join_cgroups(membership: list[list[str]]) -> None:
-    """Write our PID into each cgroup.procs file, then check /proc/self/cgroup agrees."""
-    pid = str(os.getpid())
-    for procs, _controller, _expected in membership:
+    """Write ``0`` (ourselves) into each join file, then check /proc/self/cgroup agrees.
+
+    On cgroup v1 the join files are ``tasks`` files, which move the writing thread only, without
+    the kernel's global lock that costs an RCU grace period after an idle moment (see
+    ``CgroupDriver.membership``): that moves the whole process only because it has no other
+    thread, which is checked first.
+    """
+    threads = os.listdir("/proc/self/task")
+    if len(threads) != 1:
+        raise SetupError(f"cgroup join refused: stage 1 has {len(threads)} threads, not 1")
+    for join_file, _controller, _expected in membership:
         try:
-            fd = os.open(procs, os.O_WRONLY)
+            fd = os.open(join_file, os.O_WRONLY)
             try:
-                os.write(fd, pid.encode())
+                os.write(fd, b"0")
             finally:
                 os.close(fd)
         except OSError as e:
-            raise SetupError(f"cgroup join failed: {procs}: {e.strerror}") from None
+            raise SetupError(f"cgroup join failed: {join_file}: {e.strerror}") from None
     with open("/proc/self/cgroup") as f:
         lines = f.read().splitlines()
     actual: dict[str, str] = {}

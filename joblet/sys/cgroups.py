@@ -3,9 +3,9 @@
 Every job gets a group named exactly its id under the daemon's parent group (``cgroup.parent``,
 ``joblet`` by default): ``<root>/joblet/<id>`` on cgroup v2, and ``<root>/<hierarchy>/joblet/<id>``
 in each used controller hierarchy on cgroup v1. The driver creates the groups and writes the limits;
-the job's stage-1 helper joins them itself (it writes its own PID to every ``cgroup.procs`` file
-that :meth:`CgroupDriver.membership` names and checks ``/proc/self/cgroup``), so nothing the job
-runs can start outside its limits.
+the job's stage-1 helper joins them itself (it writes ``0``, itself, to every file that
+:meth:`CgroupDriver.membership` names and checks ``/proc/self/cgroup``), so nothing the job runs
+can start outside its limits.
 
 No limit is ever silently dropped: a limit that needs a controller the host does not offer makes
 :meth:`CgroupDriver.create` fail. Everything here is synchronous file I/O on cgroupfs (which does
@@ -223,10 +223,16 @@ class CgroupDriver(abc.ABC):
             job_id: The job's id.
 
         Returns:
-            One ``(procs_file, controllers, expected_path)`` per group: the process writes its PID
-            to ``procs_file``; then the line of ``/proc/self/cgroup`` whose controller field is
-            ``controllers`` (``""`` on cgroup v2; on v1 as the line shows it, e.g. ``"memory"``
-            or ``"cpu,cpuacct"``) must show ``expected_path``.
+            One ``(join_file, controllers, expected_path)`` per group: a single-threaded process
+            writes ``0`` (itself) or its PID to ``join_file``; then the line of
+            ``/proc/self/cgroup`` whose controller field is ``controllers`` (``""`` on cgroup v2;
+            on v1 as the line shows it, e.g. ``"memory"`` or ``"cpu,cpuacct"``) must show
+            ``expected_path``. On cgroup v2 ``join_file`` is ``cgroup.procs``. On v1 it is the
+            group's ``tasks`` file, which moves the writing thread only: written ``0``, the
+            kernel then skips its global threadgroup lock, whose first taker after a quiet spell
+            waits for an RCU grace period (7-15 ms here, on every job start after an idle
+            moment). A single-threaded process is moved whole; one with more threads would
+            leave them behind, and must write its PID to ``cgroup.procs`` next to it instead.
         """
 
     @abc.abstractmethod
@@ -605,7 +611,8 @@ class V1Driver(CgroupDriver):
         _check_job_id(job_id)
         return [
             (
-                str(h.mount / self._parent / job_id / "cgroup.procs"),
+                # Not cgroup.procs: see CgroupDriver.membership.
+                str(h.mount / self._parent / job_id / "tasks"),
                 h.field,
                 posixpath.join(h.mount_root, self._parent, job_id),
             )
