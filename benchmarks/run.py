@@ -217,8 +217,11 @@ async def bench_start(joblet: Harness, args: argparse.Namespace, results: Result
     with section(
         f"start latency after {IDLE_GAP * 1000:.0f} ms idle, {IDLE_JOBS} jobs, request to RUNNING"
     ):
-        # Back to back, a start's cgroup join often finds the kernel's cgroup rwsem still in its
-        # fast mode from the previous start; after idle it waits for an RCU grace period.
+        # What changes after idle: the pool of waiting stage 1s is full (back to back, a start
+        # may find it empty), and caches are cold. A cgroup join through cgroup.procs (cgroup
+        # v2) takes the kernel's global threadgroup rwsem, which waits for an RCU grace period
+        # when nothing took it for a while; stage 1 avoids it on v1 (see
+        # CgroupDriver.membership).
         idle: list[float] = []
         for _ in range(IDLE_JOBS):
             await trio.sleep(IDLE_GAP)

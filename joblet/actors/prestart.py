@@ -13,6 +13,17 @@ from the pool moves its ownership to the job start. A process that died but was 
 is skipped, and one that dies after it was taken, before it took the spec, is detected by the
 launch protocol (:class:`~joblet.sys.launch.Stage1Gone`): the start moves on to the next one,
 so a dead process is never a job's.
+
+A waiting process stays in the daemon's cgroup: it joins its job's groups itself once it has the
+spec, and checks ``/proc/self/cgroup`` before any isolation, as a cold stage 1 does. Moving it
+into the next job's group ahead of time (a group created for a job id chosen in advance) would
+take the join off the start too, but the limits would then be written after the join: a memory
+limit below what the group already holds fails on v1 and OOM-kills on v2, and the start would
+need a fallback for it; the job id would have to come from the pool; and every waiting process
+would hold a job group. It is not needed on cgroup v1, where the join is cheap (stage 1 moves its
+only thread through ``tasks``, see :meth:`~joblet.sys.cgroups.CgroupDriver.membership`). On v2 the
+first join after a quiet spell waits for an RCU grace period unless the host mounts cgroup2 with
+``favordynmods``, which joblet leaves to the operator.
 """
 
 from __future__ import annotations
