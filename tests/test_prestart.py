@@ -123,6 +123,25 @@ async def test_a_stage1_that_dies_before_taking_its_spec_never_gets_the_job(
             assert impostor not in pool.waiting_pids()
 
 
+async def test_a_stopped_waiting_stage1_fails_its_start_in_bounded_time(
+    root: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "STAGE1_REPORT_TIMEOUT", 0.5)
+    with trio.fail_after(60):
+        async with pooled_harness(1) as joblet:
+            pool = pool_of(joblet)
+            await pool.wait_full()
+            (stopped,) = pool.waiting_pids()
+            os.kill(stopped, signal.SIGSTOP)
+            job = await joblet.run("echo", "hello")
+            assert job.status is JobStatus.FAILED, job
+            assert f"stage 1 did not start the job within 0.5s (pid {stopped})" in job.reason
+            await exited(stopped)
+            # The next start works.
+            again = await joblet.run("echo", "again")
+            assert (await joblet.wait(again.id)).status is JobStatus.COMPLETED
+
+
 async def test_a_cold_stage1_that_dies_before_taking_its_spec_fails_the_start(
     root: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,6 +44,10 @@ _F_SETPIPE_SZ = 1031
 _STATUS_MAX = 65536
 #: Stage 1 writes this byte once it has the launch spec (``_stage1.ACK``): the job is its own.
 ACK = b"\x06"
+#: Longest a stage 1 may take from being handed its spec to exec'ing the job (it joins the
+#: cgroup, unshares and builds the root: milliseconds). Past it the stage 1 is killed and the
+#: start fails, instead of hanging (e.g. a waiting stage 1 someone stopped with SIGSTOP).
+STAGE1_REPORT_TIMEOUT = 30.0
 #: Size of the big-endian length before the launch spec on the status socket (``_stage1``).
 HEADER_SIZE = 4
 
@@ -216,19 +220,29 @@ class Stage1:
         Consumes this object: afterwards the process is the caller's (see :func:`spawn`), or it
         has been reaped.
 
+        Stage 1 gets :data:`STAGE1_REPORT_TIMEOUT` to exec the job.
+
         Raises:
             Stage1Gone: It ended before it took the spec; retrying with another stage 1 is safe.
-            StartFailed: It took the spec, then reported a failure.
+            StartFailed: It took the spec, then reported a failure, or did not finish in time.
         """
         body = spec.encode()
         report = b""
+        timeout = STAGE1_REPORT_TIMEOUT
         try:
             try:
-                await self._status.send_all(len(body).to_bytes(HEADER_SIZE, "big") + body)
-                while chunk := await self._status.receive_some(_STATUS_MAX):
-                    report += chunk
-                    if len(report) > _STATUS_MAX:
-                        break
+                with trio.move_on_after(timeout) as deadline:
+                    await self._status.send_all(len(body).to_bytes(HEADER_SIZE, "big") + body)
+                    while chunk := await self._status.receive_some(_STATUS_MAX):
+                        report += chunk
+                        if len(report) > _STATUS_MAX:
+                            break
+                if deadline.cancelled_caught:
+                    await self.aclose()
+                    raise StartFailed(
+                        f"stage 1 did not start the job within {timeout:g}s (pid {self.pid}); "
+                        "it was killed"
+                    )
             except trio.BrokenResourceError:
                 # EPIPE or ECONNRESET: it ended without reading everything we sent.
                 if report == ACK:
