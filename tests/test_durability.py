@@ -17,7 +17,7 @@ from joblet.errors import JobNotFound, JobStillRunning
 from joblet.harness import open_harness
 from joblet.model import JobInfo, JobSpec, JobStatus, Limits
 from joblet.store.jobdb import SCHEMA_VERSION, JobDB, JobDBError
-from joblet.sys.cgroups import detect_driver
+from joblet.sys.cgroups import CgroupDriver, detect_driver
 from tests.conftest import cgroup_dirs_named, make_config, processes_in_cgroup_named
 
 # --- the job database -----------------------------------------------------------------------
@@ -175,10 +175,9 @@ async def test_jobs_left_running_by_a_crash_are_failed_and_their_processes_kille
             proc.wait()
 
 
-def _procs_files(driver: object, group: str) -> list[Path]:
+def _procs_files(driver: CgroupDriver, group: str) -> list[Path]:
     """The cgroup.procs file of the group in every hierarchy the driver uses."""
-    parents: list[Path] = driver.parent_dirs()  # type: ignore[attr-defined]
-    return [p / group / "cgroup.procs" for p in parents]
+    return [p / group / "cgroup.procs" for p in driver.parent_dirs()]
 
 
 # --- delete ---------------------------------------------------------------------------------

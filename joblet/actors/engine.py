@@ -246,14 +246,16 @@ class Engine:
         entry = self._jobs.get(job_id)
         if entry is None or entry.active:
             return
-        self._jobs.pop(job_id, None)
-        await self._ctx.persist.forget_job(job_id)
+        await self._drop_record(job_id)
 
     async def _delete(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
-        await self._ctx.persist.forget_job(job_id)
+        await self._drop_record(job_id)
         await trio.to_thread.run_sync(self._delete_files, job_id)
         logfmt.info("job deleted", jobId=job_id)
+
+    async def _drop_record(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        await self._ctx.persist.forget_job(job_id)
 
     def _delete_files(self, job_id: str) -> None:
         delete_job_logs(self._ctx.logs_dir, job_id)

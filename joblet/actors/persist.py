@@ -154,8 +154,8 @@ class PersistActor:
     def submit_job(self, info: JobInfo) -> trio.Event:
         """Queue a job's metadata for the database; the event is set once it is written.
 
-        Never blocks. A newer submission for the same job replaces a queued one (and shares its
-        event).
+        Never blocks. A newer submission for the same job replaces the queued info; the events of
+        both are set when it is written.
         """
         return self._queue_record(info.id, info)
 

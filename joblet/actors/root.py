@@ -120,8 +120,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         async with trio.open_nursery() as jobs:
             await jobs.start(engine.run)
             retention = RetentionActor(
-                state / "logs",
-                state / "metrics",
+                ctx.logs_dir,
+                ctx.metrics_dir,
                 config.persist.storage.retention,
                 end_times=engine.end_times,
                 forget=engine.forget,
@@ -171,12 +171,16 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     await _remove_leftover_groups(
         ctx.driver, {i.id for i in past}, ctx.config.joblet.cleanup_timeout
     )
-    leftovers = await trio.to_thread.run_sync(lambda: list(ctx.jobs_dir.iterdir()))
-    for path in leftovers:
-        await trio.to_thread.run_sync(shutil.rmtree, path, True)
-    for info in fixed:
-        await ctx.persist.save_job(info)
+    await trio.to_thread.run_sync(_remove_children, ctx.jobs_dir)
+    # Submitted together, they are written in one batch.
+    for saved in [ctx.persist.submit_job(info) for info in fixed]:
+        await saved.wait()
     return jobs
+
+
+def _remove_children(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _remove_leftover_groups(

@@ -109,11 +109,10 @@ class JobService:
         """
         spec = build_spec(**convert.spec_fields_from_run_req(req), defaults=self._defaults)
         info = await self._engine.run_job(spec)
-        peer = auth.current_peer.get()
         logfmt.info(
             "job run requested",
             jobId=info.id,
-            client=peer.name if peer else "-",
+            client=_client_name(),
             status=info.status.value,
         )
         return convert.run_job_res(info)
@@ -125,11 +124,10 @@ class JobService:
     async def stop_job(self, req: Any) -> Any:
         """StopJob: SIGTERM, the grace period, SIGKILL; answers once the job has ended."""
         info = await self._engine.stop_job(_job_ref(req.id))
-        peer = auth.current_peer.get()
         logfmt.info(
             "job stopped on request",
             jobId=info.id,
-            client=peer.name if peer else "-",
+            client=_client_name(),
             status=info.status.value,
             exitCode=info.exit_code,
         )
@@ -138,19 +136,17 @@ class JobService:
     async def delete_job(self, req: Any) -> Any:
         """DeleteJob: remove an ended job with its logs, metrics and metadata."""
         info = await self._engine.delete_job(_job_ref(req.id))
-        peer = auth.current_peer.get()
-        logfmt.info("job deleted on request", jobId=info.id, client=peer.name if peer else "-")
+        logfmt.info("job deleted on request", jobId=info.id, client=_client_name())
         return pb.DeleteJobRes(id=info.id, success=True, message="Job deleted successfully")
 
     async def delete_all_jobs(self, req: Any) -> Any:
         """DeleteAllJobs: remove every ended job; running ones are skipped and counted."""
         deleted, skipped = await self._engine.delete_all_jobs()
-        peer = auth.current_peer.get()
         logfmt.info(
             "jobs deleted on request",
             deleted=deleted,
             skipped=skipped,
-            client=peer.name if peer else "-",
+            client=_client_name(),
         )
         return pb.DeleteAllJobsRes(
             success=True,
@@ -230,6 +226,12 @@ class JobService:
         async with aclosing(self._engine.follow_metrics(job.id)) as samples:
             async for sample in samples:
                 await send(convert.metrics_sample_to_pb(job.id, sample))
+
+
+def _client_name() -> str:
+    """The calling client's certificate name, for log lines ("-" outside a connection)."""
+    peer = auth.current_peer.get()
+    return peer.name if peer else "-"
 
 
 def _job_ref(ref: str) -> str:

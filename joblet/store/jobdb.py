@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,7 @@ def decode_spec(text: str) -> JobSpec:
     """The job spec stored as ``text`` by :func:`encode_spec`."""
     raw: dict[str, Any] = json.loads(text)
     raw["args"] = tuple(raw.get("args", ()))
-    spec = _converter.structure(raw, JobSpec)
-    return spec
+    return _converter.structure(raw, JobSpec)
 
 
 class JobDB:
@@ -90,6 +90,8 @@ class JobDB:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: Ids of the rows the last :meth:`load` could not decode.
+        self.skipped: list[str] = []
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -142,7 +144,7 @@ class JobDB:
                 "FROM jobs ORDER BY seq"
             ).fetchall()
         jobs: list[JobInfo] = []
-        self.skipped: list[str] = []
+        self.skipped = []
         for job_id, status, start, end, code, reason, node_id, spec in rows:
             try:
                 jobs.append(
@@ -166,21 +168,13 @@ class JobDB:
         with self._lock:
             self._db.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    """``BEGIN`` ... ``COMMIT``, or ``ROLLBACK`` on error (autocommit mode connection)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN`` ... ``COMMIT``, or ``ROLLBACK`` on error (the connection autocommits)."""
         self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
+        try:
+            yield
+        except BaseException:
             self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
