@@ -14,6 +14,8 @@ import trio.testing
 
 from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult, _Record
 from joblet.config import LogsSection
+from joblet.model import JobInfo, JobSpec, JobStatus
+from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
 from joblet.store.logindex import STDERR, STDOUT, Chunk
@@ -192,3 +194,35 @@ async def test_run_twice_at_once_is_refused(tmp_path: Path) -> None:
             with pytest.raises(RuntimeError, match="already running"):
                 await persist.run()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_job_record_is_written_at_once_and_never_ahead_of_its_log(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "jobs.db"
+    # Thresholds that would hold the chunks for an hour: the record must not wait for them,
+    # and must not be written before them.
+    persist = PersistActor(
+        tmp_path / "logs", LogsSection(flush_bytes=1 << 30, flush_interval=3600), db_path=db_path
+    )
+    assert await persist.open_db() == []
+    log = make_log(tmp_path / "logs", persist, "job-rec")
+    info = JobInfo(id="job-rec", spec=JobSpec(command="true"), status=JobStatus.COMPLETED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persist.run)
+            await log.append(STDOUT, b"before the record\n" * 1000)
+            await persist.save_job(info)
+            assert log.persisted == log.size
+            assert _stored(db_path) == [info]
+            await persist.forget_job("job-rec")
+            assert _stored(db_path) == []
+            nursery.cancel_scope.cancel()
+
+
+def _stored(db_path: Path) -> list[JobInfo]:
+    db = JobDB(db_path)
+    try:
+        return db.load()
+    finally:
+        db.close()
