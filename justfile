@@ -38,14 +38,14 @@ test-cgroup2 *ARGS: setup
 
 # Lint and type-check.
 lint: setup
-    "{{venv}}/bin/ruff" check joblet cli tests benchmarks
-    "{{venv}}/bin/ruff" format --check joblet cli tests benchmarks
-    "{{venv}}/bin/mypy" joblet cli
+    "{{venv}}/bin/ruff" check joblet cli tools tests benchmarks
+    "{{venv}}/bin/ruff" format --check joblet cli tools tests benchmarks
+    "{{venv}}/bin/mypy" joblet cli tools tests benchmarks
 
 # Format the code.
 fmt: setup
-    "{{venv}}/bin/ruff" format joblet cli tests benchmarks
-    "{{venv}}/bin/ruff" check --fix joblet cli tests benchmarks
+    "{{venv}}/bin/ruff" format joblet cli tools tests benchmarks
+    "{{venv}}/bin/ruff" check --fix joblet cli tools tests benchmarks
 
 # Benchmarks: figures printed next to baselines measured in the same run.
 bench *ARGS: setup
@@ -53,7 +53,7 @@ bench *ARGS: setup
 
 # Regenerate the protobuf/purerpc code from proto/ (output is committed).
 proto: setup
-    "{{py}}" -m joblet.rpc.gen
+    "{{py}}" -m tools.gen_proto
 
 # Run rnx against the daemon started by `just serve` (uses ./state/certs).
 rnx *ARGS: setup

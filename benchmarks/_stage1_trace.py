@@ -20,6 +20,8 @@ _marks = [("main", time.perf_counter())]
 
 import os  # noqa: E402 (after the first timestamp on purpose)
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The ``-c`` program that runs this module instead of stage 1.
@@ -30,14 +32,14 @@ BOOT = (
 STAGE1_DIR = os.path.join(os.path.dirname(_HERE), "joblet", "sys")
 
 
-def _mark(name):
+def _mark(name: str) -> None:
     _marks.append((name, time.perf_counter()))
 
 
-def _around(module, fn_name, before, after):
+def _around(module: Any, fn_name: str, before: str, after: str) -> None:
     fn = getattr(module, fn_name)
 
-    def traced(*args, **kwargs):
+    def traced(*args: Any, **kwargs: Any) -> Any:
         _mark(before)
         result = fn(*args, **kwargs)
         _mark(after)
@@ -46,8 +48,8 @@ def _around(module, fn_name, before, after):
     setattr(module, fn_name, traced)
 
 
-def _traced_execve(real):
-    def execve(path, argv, env):
+def _traced_execve(real: Callable[..., Any]) -> Callable[..., None]:
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
         _mark("exec")
         line = " ".join(f"{name}={t:.6f}" for name, t in _marks)
         os.write(2, f"JOBLET-STAGE1-TRACE {line}\n".encode())
@@ -56,14 +58,14 @@ def _traced_execve(real):
     return execve
 
 
-def run():
+def run() -> None:
     """Import and run stage 1 as the daemon's bootstrap does, with timestamps."""
     sys.path.append(STAGE1_DIR)
-    import _stage1
+    import _stage1  # type: ignore[import-not-found]
 
     _mark("imported")
     _around(_stage1, "receive", "waiting", "spec")
     _around(_stage1, "join_cgroups", "joining", "joined")
     _around(_stage1, "build_root", "root", "built")
-    os.execve = _traced_execve(os.execve)
+    os.execve = _traced_execve(os.execve)  # type: ignore[assignment]
     _stage1.main()

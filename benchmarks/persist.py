@@ -226,7 +226,7 @@ def client(target: str) -> None:
     """The client half: one QueryLogs of the benchmark job; prints JSON figures."""
     import grpc
 
-    from joblet.rpc._gen import persist_pb2, persist_pb2_grpc
+    from joblet.protocol import persist_pb2, persist_pb2_grpc
 
     options = [("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(target, options=options) as channel:

@@ -51,13 +51,13 @@ import trio
 from joblet.actors.prestart import Stage1Pool
 from joblet.certs import CertPaths
 from joblet.config import Config
-from joblet.harness import Harness, open_harness
-from joblet.model import JobStatus
-from joblet.rpc._gen import joblet_pb2 as pb
-from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
+from joblet.core.model import JobStatus
+from joblet.protocol import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from joblet.store.logfiles import LogFileReader
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver
+from joblet.testing import Harness, open_harness
 
 from ._stage1_trace import BOOT as STAGE1_TRACE_BOOT
 
@@ -503,7 +503,7 @@ def call_rate(
         stubs = []
         for _ in range(clients):
             channel = stack.enter_context(open_channel(port, certs))
-            stub = pb_grpc.JobServiceStub(channel)
+            stub = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
             stub.GetJobStatus(req, timeout=CALL_TIMEOUT)  # connected and warm
             stubs.append(stub)
         counts = [0] * clients
@@ -578,7 +578,7 @@ def bench_grpc(args: argparse.Namespace, results: Results) -> None:
         certs = daemon.certs
         with section(f"end to end over mTLS gRPC (daemon subprocess, grpcio client), {n} jobs"):
             with open_channel(daemon.port, certs) as channel:
-                stub = pb_grpc.JobServiceStub(channel)
+                stub = pb_grpc.JobServiceStub(channel)  # type: ignore[no-untyped-call]
                 lat: list[float] = []
                 ids: set[str] = set()
                 for i in range(WARMUP + n):

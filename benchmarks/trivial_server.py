@@ -21,14 +21,14 @@ from typing import Any
 import grpc
 
 from joblet.certs import CertPaths
-from joblet.rpc._gen import joblet_pb2 as pb
-from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
+from joblet.protocol import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2_grpc as pb_grpc
 
 #: Handler threads: as many as the bench's most concurrent clients.
 WORKERS = 16
 
 
-class TrivialJobService(pb_grpc.JobServiceServicer):  # type: ignore[misc]
+class TrivialJobService(pb_grpc.JobServiceServicer):  # type: ignore[misc,unused-ignore]
     """GetJobStatus answers a constant response; nothing else is implemented."""
 
     def __init__(self, response: Any) -> None:
@@ -49,7 +49,9 @@ def main() -> None:
         require_client_auth=True,
     )
     server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS))
-    pb_grpc.add_JobServiceServicer_to_server(TrivialJobService(response), server)
+    pb_grpc.add_JobServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        TrivialJobService(response), server
+    )
     port = server.add_secure_port("127.0.0.1:0", creds)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

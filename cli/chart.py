@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from cli.output import format_bytes
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2 as pb
 
 #: Rows of each panel (eight levels per row).
 PANEL_HEIGHT = 8

@@ -44,8 +44,8 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded
 
-from joblet.rpc._gen import joblet_grpc
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_grpc
+from joblet.protocol import joblet_pb2 as pb
 
 #: Port used when ``--server`` names only a host.
 DEFAULT_PORT = 50051

@@ -23,7 +23,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2 as pb
 
 _NETWORK_LABELS = {
     "": "host (shared with system)",

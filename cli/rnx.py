@@ -76,7 +76,7 @@ from cli.client import (
     collapse_exception_group,
     open_client,
 )
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2 as pb
 
 # Exit statuses (the one table; ``job run --wait`` exits with the job's own status instead).
 #: Success.

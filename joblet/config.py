@@ -11,7 +11,7 @@ from pathlib import Path
 
 import attrs
 
-from joblet.model import Limits
+from joblet.core.model import Limits
 
 #: System directories bind-mounted read-only into every job's root (those that exist on the host).
 DEFAULT_SYSTEM_DIRS: tuple[str, ...] = (

@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from joblet.config import Config, JobletSection, LogsSection, MetricsSection
-from joblet.harness import Harness, open_harness
+from joblet.testing import Harness, open_harness
 
 #: In CI (``.ci/run`` sets ``CI=true``) a missing capability fails a test instead of skipping it.
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")

@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from joblet.config import CgroupSection
-from joblet.model import Limits
+from joblet.core.model import Limits
 from joblet.sys.cgroups import (
     MEMORY_HIGH_PERCENT,
     CgroupDriver,

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from joblet.actors.root import RESTART_REASON
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2 as pb
 from tests.conftest import processes_in_cgroup_named
 from tests.daemon import CrashableDaemon, crashable_daemon
 from tests.test_grpc import T, job_stub, open_channel, output

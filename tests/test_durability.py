@@ -13,11 +13,11 @@ import trio
 
 from joblet.actors.root import RESTART_REASON
 from joblet.config import CgroupSection
-from joblet.errors import JobNotFound, JobStillRunning
-from joblet.harness import open_harness
-from joblet.model import JobInfo, JobSpec, JobStatus, Limits
+from joblet.core.errors import JobNotFound, JobStillRunning
+from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits
 from joblet.store.jobdb import SCHEMA_VERSION, JobDB, JobDBError
 from joblet.sys.cgroups import CgroupDriver, detect_driver
+from joblet.testing import open_harness
 from tests.conftest import cgroup_dirs_named, make_config, processes_in_cgroup_named
 
 # --- the job database -----------------------------------------------------------------------

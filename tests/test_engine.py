@@ -14,15 +14,15 @@ import trio
 
 from joblet.actors.job import JobActor
 from joblet.config import LogsSection
-from joblet.errors import (
+from joblet.core.errors import (
     AmbiguousJobId,
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
     ResourceExhausted,
 )
-from joblet.harness import Harness
-from joblet.model import JobStatus
+from joblet.core.model import JobStatus
+from joblet.testing import Harness
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -46,11 +46,12 @@ from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
 from joblet.config import Config, GrpcSection
 from joblet.configfile import load_config
-from joblet.errors import JobNotFound, Unauthenticated
-from joblet.model import JobInfo, JobSpec, JobStatus
+from joblet.core.errors import JobNotFound, Unauthenticated
+from joblet.core.model import JobInfo, JobSpec, JobStatus
+from joblet.metrics import MetricsSample
+from joblet.protocol import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from joblet.rpc import auth
-from joblet.rpc._gen import joblet_pb2 as pb
-from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
 from joblet.rpc.server import GrpcServer, open_listener, server_ssl_context
 from joblet.rpc.service import MAX_CHUNK, JobService
 from joblet.store.logindex import Chunk
@@ -662,7 +663,7 @@ class FakeEngine:
             self.stop_cancelled.set()
         raise AssertionError("unreachable")
 
-    async def follow_log(self, ref: str, offset: int = 0) -> AsyncIterator[Chunk]:
+    async def follow_log(self, ref: str, offset: int = 0) -> AsyncGenerator[Chunk, None]:
         if self.output is not None:
             for start in range(offset, len(self.output), 100_000):
                 yield Chunk(start, 1, self.output[start : start + 100_000], 0)
@@ -673,6 +674,16 @@ class FakeEngine:
             await trio.sleep_forever()
         finally:
             self.follow_closed.set()
+
+    async def delete_job(self, ref: str) -> JobInfo:
+        raise AssertionError("not used")
+
+    async def delete_all_jobs(self) -> tuple[int, int]:
+        raise AssertionError("not used")
+
+    async def follow_metrics(self, ref: str) -> AsyncGenerator[MetricsSample, None]:
+        raise AssertionError("not used")
+        yield  # an async generator, as the engine's
 
 
 @pytest.fixture(scope="module")

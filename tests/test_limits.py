@@ -12,8 +12,8 @@ import re
 import pytest
 import trio
 
-from joblet.harness import Harness
-from joblet.model import JobStatus
+from joblet.core.model import JobStatus
+from joblet.testing import Harness
 
 pytestmark = [pytest.mark.slow, pytest.mark.cgroup2]
 

@@ -21,10 +21,9 @@ import trio
 from cli import chart, output
 from joblet.actors.metrics import FOLLOWER_BUFFER, MetricsHub
 from joblet.config import MetricsSection
-from joblet.errors import JobNotFound
-from joblet.harness import Harness
+from joblet.core.errors import JobNotFound
+from joblet.core.model import JobStatus
 from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
-from joblet.model import JobStatus
 from joblet.rpc import convert
 from joblet.store.metrics import (
     MetricRecord,
@@ -36,6 +35,7 @@ from joblet.store.metrics import (
 )
 from joblet.sys.cgroups import CgroupStats
 from joblet.sys.procfs import NetCounters, ProcessCounts, parse_net_dev
+from joblet.testing import Harness
 
 MIB = 1 << 20
 

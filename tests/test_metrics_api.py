@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
-from joblet.rpc._gen import joblet_pb2 as pb
-from joblet.rpc._gen import joblet_pb2_grpc as pb_grpc
+from joblet.protocol import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from tests.conftest import require_root
 from tests.daemon import Daemon, running_daemon
 

@@ -14,7 +14,7 @@ import trio.testing
 
 from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult, _Record
 from joblet.config import LogsSection
-from joblet.model import JobInfo, JobSpec, JobStatus
+from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path

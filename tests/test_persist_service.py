@@ -32,10 +32,9 @@ from joblet.config import (
     PersistServerSection,
     PersistTlsSection,
 )
-from joblet.harness import Harness
-from joblet.model import JobStatus
-from joblet.rpc._gen import persist_pb2 as pb
-from joblet.rpc._gen import persist_pb2_grpc as pb_grpc
+from joblet.core.model import JobStatus
+from joblet.protocol import persist_pb2 as pb
+from joblet.protocol import persist_pb2_grpc as pb_grpc
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
@@ -48,6 +47,7 @@ from joblet.store.logfiles import LogFileWriter
 from joblet.store.logindex import STDERR, STDOUT, Chunk
 from joblet.store.loglines import Lines
 from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
+from joblet.testing import Harness
 
 T = 10.0  # timeout of every gRPC call, seconds
 S = 1_000_000_000  # ns per second
@@ -155,7 +155,7 @@ async def error(
     request = (pb.QueryLogsRequest if method == "QueryLogs" else pb.QueryMetricsRequest)(**req)
     with pytest.raises(grpc.RpcError) as info:
         await trio.to_thread.run_sync(call, target, method, request, creds)
-    return info.value.code(), info.value.details()  # type: ignore[attr-defined]
+    return info.value.code(), info.value.details()
 
 
 SAMPLE_LOG = [
@@ -544,7 +544,7 @@ def _free_port() -> int:
 
 def test_joblet_serve_runs_the_persist_service(root: None) -> None:
     """``joblet serve`` with TLS on: the Unix socket and the TCP port, removed on stop."""
-    from joblet.rpc._gen import joblet_pb2, joblet_pb2_grpc
+    from joblet.protocol import joblet_pb2, joblet_pb2_grpc
     from tests.daemon import POLL, running_daemon
 
     port = _free_port()

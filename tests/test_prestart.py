@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from joblet.actors.prestart import Stage1Pool
-from joblet.harness import Harness, open_harness
-from joblet.model import JobStatus
+from joblet.core.model import JobStatus
 from joblet.sys import _stage1, launch
+from joblet.testing import Harness, open_harness
 from tests.conftest import (
     cgroup_dirs_named,
     make_config,

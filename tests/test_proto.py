@@ -21,11 +21,12 @@ from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.server import ConnectionHandler
 
-from joblet.model import JobInfo, JobSpec, JobStatus, Limits
-from joblet.rpc import convert, gen
-from joblet.rpc._gen import joblet_grpc, joblet_pb2_grpc, persist_grpc
-from joblet.rpc._gen import joblet_pb2 as pb
-from joblet.rpc._gen import persist_pb2 as persist_pb
+from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits
+from joblet.protocol import joblet_grpc, joblet_pb2_grpc, persist_grpc
+from joblet.protocol import joblet_pb2 as pb
+from joblet.protocol import persist_pb2 as persist_pb
+from joblet.rpc import convert
+from tools import gen_proto as gen
 
 STR, BYTES = _d.FieldDescriptor.TYPE_STRING, _d.FieldDescriptor.TYPE_BYTES
 I32, I64 = _d.FieldDescriptor.TYPE_INT32, _d.FieldDescriptor.TYPE_INT64
@@ -480,7 +481,7 @@ def test_spec_fields_from_run_req_passes_raw_values() -> None:
 
 
 def test_spec_fields_feed_build_spec() -> None:
-    from joblet.validate import build_spec
+    from joblet.core.validate import build_spec
 
     fields = convert.spec_fields_from_run_req(pb.RunJobReq(command="echo", args=["hi"]))
     spec = build_spec(**fields, defaults=Limits())

@@ -219,4 +219,6 @@ async def test_run_cleans_up_at_start_and_every_interval(
             nursery.cancel_scope.cancel()
     assert present(tmp_path, "job") == (False, False)
     # Forgotten at the first hourly clean-up past the period (12 h; 12 sweeps after the first).
-    assert engine.forgotten == [("job", pytest.approx(13 * 3600.0))]
+    [(name, when)] = engine.forgotten
+    assert name == "job"
+    assert when == pytest.approx(13 * 3600.0)

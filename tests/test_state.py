@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from joblet.errors import JobNotRunning
-from joblet.model import JobStatus
-from joblet.state import JobState
+from joblet.core.errors import JobNotRunning
+from joblet.core.lifecycle import JobState
+from joblet.core.model import JobStatus
 
 
 def running() -> JobState:

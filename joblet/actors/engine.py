@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import trio
 
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
-from joblet.errors import (
+from joblet.core.errors import (
     AmbiguousJobId,
     JobNotFound,
     JobNotRunning,
@@ -28,8 +28,8 @@ from joblet.errors import (
     ResourceExhausted,
     ShuttingDown,
 )
+from joblet.core.model import JobInfo, JobSpec
 from joblet.metrics import MetricsSample
-from joblet.model import JobInfo, JobSpec
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
 from joblet.store.logindex import Chunk
@@ -130,7 +130,7 @@ class Engine:
         """Start a job and return once it runs, or has failed to start.
 
         Args:
-            spec: A validated spec (see :func:`joblet.validate.build_spec`).
+            spec: A validated spec (see :func:`joblet.core.validate.build_spec`).
 
         Returns:
             The job's info: RUNNING, or FAILED with ``reason`` "start failed: ...".
@@ -261,7 +261,7 @@ class Engine:
         delete_job_logs(self._ctx.logs_dir, job_id)
         delete_job_metrics(self._ctx.metrics_dir, job_id)
 
-    async def follow_log(self, ref: str, offset: int = 0) -> AsyncIterator[Chunk]:
+    async def follow_log(self, ref: str, offset: int = 0) -> AsyncGenerator[Chunk, None]:
         """The job's merged output from byte ``offset``: what exists, then live, until the end.
 
         Raises:

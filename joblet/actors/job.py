@@ -24,9 +24,9 @@ from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.config import Config
-from joblet.errors import StartFailed
-from joblet.model import JobInfo, JobSpec, JobStatus
-from joblet.state import JobState
+from joblet.core.errors import StartFailed
+from joblet.core.lifecycle import JobState
+from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader
 from joblet.store.logindex import STDERR, STDOUT

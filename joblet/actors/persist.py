@@ -28,7 +28,7 @@ import trio
 
 from joblet import logfmt
 from joblet.config import LogsSection
-from joblet.model import JobInfo
+from joblet.core.model import JobInfo
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, job_log_dir

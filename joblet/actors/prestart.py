@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from joblet import logfmt
-from joblet.errors import StartFailed
+from joblet.core.errors import StartFailed
 from joblet.sys import launch
 
 #: Pause before the pool tries again after a stage 1 could not be started (say, out of file

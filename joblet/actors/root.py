@@ -30,7 +30,7 @@ from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
-from joblet.model import JobInfo, JobStatus
+from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver, detect_driver

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from joblet.certs import ROLES, role_from_cert_subject
-from joblet.errors import PermissionDenied, Unauthenticated
+from joblet.core.errors import PermissionDenied, Unauthenticated
 
 #: Methods a viewer may call: the read-only ones of ``joblet.JobService`` (spec 001's role table)
 #: and the Persist Service's queries. An admin may call every method, including ones added later.

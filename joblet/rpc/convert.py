@@ -1,8 +1,8 @@
-"""Conversion between the domain types (:mod:`joblet.model`) and the protobuf messages.
+"""Conversion between the domain types (:mod:`joblet.core.model`) and the protobuf messages.
 
 Explicit functions rather than reflection: every wire field is named once, here. Nothing in this
-module validates a request (that is :func:`joblet.validate.build_spec`'s job); it only moves values
-and makes them fit their wire types:
+module validates a request (that is :func:`joblet.core.validate.build_spec`'s job); it only moves
+values and makes them fit their wire types:
 
 - times are RFC3339 UTC strings with second precision (``"2024-01-15T10:30:00Z"``), empty if unset;
 - integers are clamped into the range of their wire type (``int32``/``int64``), never overflowing.
@@ -22,9 +22,9 @@ from typing import TypedDict
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from joblet.core.model import JobInfo
 from joblet.metrics import MetricsSample
-from joblet.model import JobInfo
-from joblet.rpc._gen import joblet_pb2 as pb
+from joblet.protocol import joblet_pb2 as pb
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -125,7 +125,7 @@ def stop_job_res(info: JobInfo) -> pb.StopJobRes:
 
 
 class RunRequestFields(TypedDict):
-    """The raw values of a ``RunJobReq``, named as :func:`joblet.validate.build_spec` takes them."""
+    """The raw values of a ``RunJobReq``, named as :func:`~joblet.core.validate.build_spec` has."""
 
     command: str
     args: tuple[str, ...]

@@ -1,8 +1,8 @@
 """Our errors as gRPC statuses: the one place where that translation happens.
 
 :func:`status_for` turns whatever a request raised into the status the client sees. Our own
-errors (:mod:`joblet.errors`) keep their message, which follows the spec's wording; anything else
-is a bug or an unexpected system error: it is logged with its traceback and the client gets
+errors (:mod:`joblet.core.errors`) keep their message, which follows the spec's wording; anything
+else is a bug or an unexpected system error: it is logged with its traceback and the client gets
 INTERNAL with a reference to the log line, never the traceback itself.
 """
 
@@ -13,7 +13,7 @@ import secrets
 from purerpc.grpclib.status import Status, StatusCode
 
 from joblet import logfmt
-from joblet.errors import (
+from joblet.core.errors import (
     InvalidRequest,
     JobletError,
     JobNotFound,

@@ -39,9 +39,9 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
-from joblet.errors import AmbiguousJobId, InvalidRequest, JobNotFound
-from joblet.rpc._gen import persist_grpc
-from joblet.rpc._gen import persist_pb2 as pb
+from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
+from joblet.protocol import persist_grpc
+from joblet.protocol import persist_pb2 as pb
 from joblet.rpc.server import (
     GrpcServer,
     Handler,

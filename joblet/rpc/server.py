@@ -77,8 +77,8 @@ from purerpc.server import ConnectionHandler as _PurerpcConnectionHandler
 
 from joblet import logfmt
 from joblet.config import GrpcSection
-from joblet.errors import InvalidRequest, JobletError, PermissionDenied, ResourceExhausted
-from joblet.errors import Unauthenticated as _Unauthenticated
+from joblet.core.errors import InvalidRequest, JobletError, PermissionDenied, ResourceExhausted
+from joblet.core.errors import Unauthenticated as _Unauthenticated
 from joblet.rpc import auth, errors
 
 #: Longest a client may take to complete the TLS handshake.

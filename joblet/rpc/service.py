@@ -8,7 +8,7 @@ handler raises becomes a status in :mod:`joblet.rpc.errors`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -16,15 +16,15 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
-from joblet.errors import InvalidRequest, JobletError
+from joblet.core.errors import InvalidRequest, JobletError
+from joblet.core.model import JobInfo, JobSpec
+from joblet.core.validate import build_spec
 from joblet.metrics import MetricsSample
-from joblet.model import JobInfo, JobSpec
+from joblet.protocol import joblet_grpc
+from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc import auth, convert
-from joblet.rpc._gen import joblet_grpc
-from joblet.rpc._gen import joblet_pb2 as pb
 from joblet.rpc.server import Handler, Send, ServiceDef
 from joblet.store.logindex import Chunk
-from joblet.validate import build_spec
 
 #: Largest ``DataChunk`` payload GetJobLogs sends (bigger pieces of output are split).
 MAX_CHUNK = 64 * 1024
@@ -61,7 +61,7 @@ class JobEngine(Protocol):
         """Delete every ended job: (deleted, skipped)."""
         ...
 
-    def follow_log(self, ref: str, offset: int = 0) -> AsyncIterator[Chunk]:
+    def follow_log(self, ref: str, offset: int = 0) -> AsyncGenerator[Chunk, None]:
         """The job's output from ``offset``: what exists, then live, until the job ends."""
         ...
 

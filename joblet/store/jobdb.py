@@ -1,6 +1,6 @@
 """Durable job metadata: an embedded SQLite database (stdlib ``sqlite3``, WAL).
 
-One row per job, keyed by its id, holding the latest :class:`~joblet.model.JobInfo` the daemon
+One row per job, keyed by its id, holding the latest :class:`~joblet.core.model.JobInfo` the daemon
 saved. The calls are synchronous and meant for a worker thread: the persist actor
 (:class:`joblet.actors.persist.PersistActor`) saves rows in batches off the event loop, and
 :func:`joblet.actors.root.open_node` loads them once at start-up.
@@ -22,7 +22,7 @@ from typing import Any
 
 import cattrs
 
-from joblet.model import JobInfo, JobSpec, JobStatus
+from joblet.core.model import JobInfo, JobSpec, JobStatus
 
 #: Bumped when the schema changes; a database with a newer version is refused.
 SCHEMA_VERSION = 1

@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from joblet.config import CgroupSection
-from joblet.model import Limits
+from joblet.core.model import Limits
 from joblet.sys.devices import block_device_numbers
 
 #: CFS period in microseconds; a quota of ``cpu_percent * 1000`` per period is that percentage of

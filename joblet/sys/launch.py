@@ -25,7 +25,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from joblet.errors import StartFailed
+from joblet.core.errors import StartFailed
 
 STAGE1 = str(Path(__file__).with_name("_stage1.py"))
 #: How ``python -I -S -c`` runs stage 1: imported as a module rather than run as a script, so the

@@ -8,7 +8,7 @@ created on exit.
 Example::
 
     import trio
-    from joblet.harness import open_harness
+    from joblet.testing import open_harness
 
     async def main():
         async with open_harness() as joblet:
@@ -35,8 +35,8 @@ import attrs
 from joblet.actors.engine import Engine
 from joblet.actors.root import Node, open_node
 from joblet.config import CgroupSection, Config
-from joblet.model import JobInfo
-from joblet.validate import build_spec
+from joblet.core.model import JobInfo
+from joblet.core.validate import build_spec
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-"""Turning a client's raw request into a :class:`~joblet.model.JobSpec`, or a clear error.
+"""Turning a client's raw request into a :class:`~joblet.core.model.JobSpec`, or a clear error.
 
 Lives in the engine (not the gRPC layer) so every way in (gRPC, the in-process harness) gets the
 same checks. Every error names the field and the problem.
@@ -10,8 +10,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from joblet.errors import InvalidRequest
-from joblet.model import JobSpec, Limits
+from joblet.core.errors import InvalidRequest
+from joblet.core.model import JobSpec, Limits
 
 MAX_COMMAND_LEN = 4096
 #: Linux refuses a single argv/env string longer than this (MAX_ARG_STRLEN).

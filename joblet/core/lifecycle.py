@@ -12,8 +12,8 @@ import signal
 
 import attrs
 
-from joblet.errors import JobNotRunning
-from joblet.model import JobStatus
+from joblet.core.errors import JobNotRunning
+from joblet.core.model import JobStatus
 
 #: Exit code reported for a job ended by a stop request or its timeout (spec).
 STOPPED_EXIT_CODE = -1
