@@ -20,7 +20,7 @@ import attrs
 import grpc
 import pytest
 
-from joblet.actors.root import RESTART_REASON
+from joblet.core.lifecycle import RESTART_REASON
 from joblet.protocol import joblet_pb2 as pb
 from tests.conftest import processes_in_cgroup_named
 from tests.daemon import CrashableDaemon, crashable_daemon

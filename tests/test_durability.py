@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from joblet.actors.root import RESTART_REASON
 from joblet.config import CgroupSection
 from joblet.core.errors import JobNotFound, JobStillRunning
+from joblet.core.lifecycle import RESTART_REASON
 from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits
 from joblet.store.jobdb import SCHEMA_VERSION, JobDB, JobDBError
 from joblet.sys.cgroups import CgroupDriver, detect_driver

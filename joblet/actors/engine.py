@@ -12,7 +12,6 @@ of earlier runs of the daemon are loaded as :class:`EndedJob` at start-up.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -21,13 +20,13 @@ import trio
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
 from joblet.core.errors import (
-    AmbiguousJobId,
     JobNotFound,
     JobNotRunning,
     JobStillRunning,
     ResourceExhausted,
     ShuttingDown,
 )
+from joblet.core.ids import new_job_id, resolve_prefix
 from joblet.core.model import JobInfo, JobSpec
 from joblet.metrics import MetricsSample
 from joblet.store.joblog import JobLog
@@ -147,33 +146,25 @@ class Engine:
             raise ResourceExhausted(
                 f"maximum concurrent jobs reached ({cap}): wait for a job to end or stop one"
             )
-        job_id = str(uuid.uuid4())
+        job_id = new_job_id()
         actor = JobActor(job_id, spec, self._ctx)
         self._jobs[job_id] = actor
-        info: JobInfo = await self._nursery.start(self._run_actor, actor)
-        return info
+        # From here the job's start belongs to the engine: the actor runs in the job nursery, and
+        # a caller that stops waiting (a client's deadline, a disconnect) only ends its own wait.
+        self._nursery.start_soon(self._run_actor, actor)
+        await actor.start_reported.wait()
+        return actor.info()
 
-    async def _run_actor(
-        self, actor: JobActor, *, task_status: trio.TaskStatus[JobInfo] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _run_actor(self, actor: JobActor) -> None:
         """Run one job actor; once it is done, keep only its record."""
         try:
-            await actor.run(task_status=task_status)
+            await actor.run()
         finally:
             if self._jobs.get(actor.id) is actor and actor.done.is_set():
                 self._jobs[actor.id] = EndedJob(actor.info(), self._ctx)
 
     def _resolve(self, ref: str) -> _Entry:
-        actor = self._jobs.get(ref)
-        if actor is not None:
-            return actor
-        if ref:
-            matches = [a for jid, a in self._jobs.items() if jid.startswith(ref)]
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise AmbiguousJobId(ref, len(matches))
-        raise JobNotFound(ref)
+        return self._jobs[resolve_prefix(ref, self._jobs)]
 
     def get(self, ref: str) -> JobInfo:
         """The job with this id or unique id prefix.

@@ -25,8 +25,8 @@ from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.config import Config
 from joblet.core.errors import StartFailed
-from joblet.core.lifecycle import JobState
-from joblet.core.model import JobInfo, JobSpec, JobStatus
+from joblet.core.lifecycle import JobLifecycle
+from joblet.core.model import JobInfo, JobSpec
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader
 from joblet.store.logindex import STDERR, STDOUT
@@ -80,7 +80,7 @@ class JobActor:
         self.id = job_id
         self.spec = spec
         self._ctx = ctx
-        self.state = JobState(job_id, start_time=time.time())
+        self.state = JobLifecycle(job_id, start_time=time.time())
         self.log = JobLog(
             job_id,
             persist=ctx.persist,
@@ -89,48 +89,32 @@ class JobActor:
             reader=lambda: LogFileReader(ctx.logs_dir / job_id),
         )
         self.metrics = ctx.metrics.sampler(job_id, own_network=spec.network != "host")
-        self.pid = 0
         self._pumps_left = 2
         self._pumps_done = trio.Event()
         self._stop_requested = trio.Event()
         self._exited = trio.Event()
-        # The final record was written (or could not be, in time): clients may see the end.
-        self._end_saved = False
-        #: Set once the job is terminal and fully cleaned up.
+        #: Set once the start is decided: the job runs, or its failed start is on record.
+        self.start_reported = trio.Event()
+        #: Set once the job has ended and is fully cleaned up, its end on record.
         self.done = trio.Event()
 
     def info(self) -> JobInfo:
-        """A snapshot of the job for clients.
-
-        The job shows as ended only once its final record is in the job database: a client that
-        saw it end never sees it come back as lost after a crash. Until then it shows RUNNING.
-        """
-        info = self._snapshot()
-        if info.status.terminal and not self._end_saved:
-            return attrs.evolve(
-                info, status=JobStatus.RUNNING, end_time=None, exit_code=0, reason="", pid=self.pid
-            )
-        return info
+        """The job as clients see it (an end shows only once it is on record)."""
+        return self.state.visible(self.spec, self._ctx.node_id)
 
     def _snapshot(self) -> JobInfo:
-        """The job as it is now (what the job database gets)."""
-        s = self.state
-        return JobInfo(
-            id=self.id,
-            spec=self.spec,
-            status=s.status,
-            start_time=s.start_time,
-            end_time=s.end_time,
-            exit_code=s.exit_code,
-            reason=s.reason,
-            pid=self.pid if s.status is JobStatus.RUNNING else 0,
-            node_id=self._ctx.node_id,
-        )
+        """The job as it is decided now (what the job database gets)."""
+        return self.state.record(self.spec, self._ctx.node_id)
+
+    @property
+    def pid(self) -> int:
+        """Host PID of the job's top process while it runs, else 0."""
+        return self.state.pid
 
     @property
     def active(self) -> bool:
         """Whether the job has not ended yet (its cleanup may run on after it has)."""
-        return not self.state.status.terminal
+        return not self.state.ended
 
     async def wait(self) -> None:
         """Wait until the job has ended and is cleaned up."""
@@ -145,10 +129,11 @@ class JobActor:
         if self.state.request_stop(reason):
             self._stop_requested.set()
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[JobInfo] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Run the job to its end; ``task_status.started`` once it runs or failed to start.
+    async def run(self) -> None:
+        """Run the job to its end; :attr:`start_reported` is set once it runs or failed to start.
+
+        Runs in the engine's job nursery, never under a client's cancel scope: a client that
+        stops waiting for its RunJob does not touch the job.
 
         Never raises an ``Exception``: a failure of the job, or a bug while running it, ends the
         job FAILED with the reason recorded, and the engine and other jobs never notice.
@@ -157,12 +142,10 @@ class JobActor:
         ctx = self._ctx
         job_dir = ctx.jobs_dir / self.id
         proc: trio.Process | None = None
-        report_start = True
         try:
             ctx.persist.submit_job(self._snapshot())
             proc = await self._start(job_dir)
-            self.pid = proc.pid
-            self.state.started()
+            self.state.started(proc.pid)
             await self._save("RUNNING")
             logfmt.info(
                 "job started successfully",
@@ -171,8 +154,7 @@ class JobActor:
                 command=" ".join([self.spec.command, *self.spec.args]),
                 duration=f"{(time.time() - (self.state.start_time or 0)) * 1000:.0f}ms",
             )
-            task_status.started(self.info())
-            report_start = False
+            self.start_reported.set()
             await self._supervise(proc)
         except StartFailed as e:
             self.state.start_failed(str(e), time.time())
@@ -180,19 +162,17 @@ class JobActor:
         except Exception as e:
             # A bug or an unexpected system error: contained here, the job ends FAILED.
             logfmt.error("job failed internally", jobId=self.id, exc_info=True)
-            if not self.state.status.terminal:
-                self.state.start_failed(f"internal error: {e}", time.time())
+            if not self.state.ended:
+                self.state.internal_error(str(e) or type(e).__name__, time.time())
         except BaseException:
             # Cancelled: the daemon is shutting down. The cleanup below stops the job.
-            report_start = False
-            if not self.state.status.terminal and self.state.stop_reason is None:
+            if not self.state.ended:
                 self.state.request_stop("daemon shutdown")
             raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup(proc, job_dir)
-            if report_start:
-                task_status.started(self.info())
+            self.start_reported.set()
 
     async def _save(self, what: str) -> None:
         """Write the job's record to the job database and wait for it, bounded.
@@ -257,7 +237,7 @@ class JobActor:
             # Whatever the job left behind dies now, so the pipes reach EOF.
             await self._kill_all()
             oom = self._oom_killed()
-            self.state.finish(proc.returncode or 0, oom_killed=oom, now=time.time())
+            self.state.exited(proc.returncode or 0, oom_killed=oom, now=time.time())
             # The pumps end at EOF; bound the wait in case a pipe was passed outside the job.
             with trio.move_on_after(cfg.cleanup_timeout) as drained:
                 await self._pumps_done.wait()
@@ -308,8 +288,8 @@ class JobActor:
                     if proc.returncode is None:
                         proc.kill()
                         await proc.wait()
-                if not self.state.status.terminal:
-                    self.state.finish(
+                if not self.state.ended:
+                    self.state.exited(
                         proc.returncode or 0, oom_killed=self._oom_killed(), now=time.time()
                     )
                 for pipe in (proc.stdout, proc.stderr):
@@ -317,16 +297,22 @@ class JobActor:
                         await pipe.aclose()
             else:
                 await self._kill_all()
+        if not self.state.ended:
+            # No process is left (none was spawned, or it could not be waited for in time).
+            if self.state.stop_reason is not None:
+                self.state.exited(0, oom_killed=False, now=time.time())
+            else:
+                self.state.internal_error("the job's process could not be waited for", time.time())
         self.metrics.close()
         try:
             ctx.driver.remove(self.id)
         except OSError as e:
             logfmt.error("job cgroup could not be removed", jobId=self.id, error=str(e))
         await trio.to_thread.run_sync(shutil.rmtree, job_dir, True)
-        self.pid = 0
         s = self.state
         await self._save("final")
-        self._end_saved = True
+        # On record (or its write timed out, logged): clients may see the end.
+        s.durable()
         # Readers see the log end only now, when the job's end is on record: a client that read
         # the whole log then asks for the status sees the job ended.
         self.log.close()

@@ -30,13 +30,11 @@ from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
+from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver, detect_driver
-
-#: Reason recorded for a job that was running when the daemon died.
-RESTART_REASON = "daemon restarted while the job was running"
 
 
 @attrs.frozen
@@ -147,8 +145,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
 async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     """Clean up after a daemon that died with jobs running; returns the jobs, all ended.
 
-    Jobs the database still shows as not ended are marked FAILED with :data:`RESTART_REASON`
-    (exit code -1); every process left in a job group under the cgroup parent is killed and the
+    Jobs the database still shows as starting or running end FAILED with the lifecycle's
+    ``restart`` (exit code -1, :data:`~joblet.core.lifecycle.RESTART_REASON`); every process left in a job group under the cgroup parent is killed and the
     groups are removed (also groups of jobs the database never heard of); leftover job
     directories are deleted. Needs the persist actor running (the records are saved).
     """
@@ -156,15 +154,10 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     fixed: list[JobInfo] = []
     jobs: list[JobInfo] = []
     for info in past:
-        if not info.status.terminal:
-            info = attrs.evolve(
-                info,
-                status=JobStatus.FAILED,
-                end_time=now,
-                exit_code=-1,
-                reason=RESTART_REASON,
-                pid=0,
-            )
+        if info.status in (JobStatus.INITIALIZING, JobStatus.RUNNING):
+            life = JobLifecycle.from_record(info)
+            life.restart(now)
+            info = life.record(info.spec, info.node_id)
             fixed.append(info)
             logfmt.warn("job was running when the daemon stopped", jobId=info.id)
         jobs.append(info)

@@ -14,11 +14,13 @@ import attrs
 class JobStatus(enum.StrEnum):
     """A job's status, with the spec's wire names."""
 
+    SCHEDULED = "SCHEDULED"
     INITIALIZING = "INITIALIZING"
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
+    CANCELED = "CANCELED"
 
     @property
     def terminal(self) -> bool:
@@ -26,7 +28,9 @@ class JobStatus(enum.StrEnum):
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED})
+_TERMINAL = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+)
 
 
 @attrs.frozen
