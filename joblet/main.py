@@ -98,11 +98,16 @@ def serve(args: argparse.Namespace) -> int:
     )
     config = attrs.evolve(config, state_dir=config.state_dir.resolve())
     logfmt.setup(_LOG_LEVELS[args.log_level])
-    ssl_context = _prepare_tls(config)
-    from joblet.sys.cgroups import CgroupUnavailable  # Linux-only machinery: imported to serve
+    from joblet.sys import locks  # Linux-only machinery: imported to serve
+    from joblet.sys.cgroups import CgroupUnavailable
 
     try:
-        trio.run(_run_daemon, config, ssl_context)
+        # Before anything in the state directory is touched (certificates, sockets, database).
+        with locks.hold_state_dir(config.state_dir):
+            ssl_context = _prepare_tls(config)
+            trio.run(_run_daemon, config, ssl_context)
+    except locks.LockHeld as exc:
+        raise Fatal(f"cannot start: {exc}") from exc
     except CgroupUnavailable as exc:
         raise Fatal(f"cgroup setup failed: {exc}") from exc
     except OSError as exc:
@@ -189,7 +194,7 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
         raise Fatal(f"persist service: {exc.strerror or exc}") from exc
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with listener, persist_listeners:
-            async with open_node(config) as node:
+            async with open_node(config, lock_state=False) as node:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
                 await node.nursery.start(server.run)

@@ -114,15 +114,15 @@ def running_daemon(
         AssertionError: It did not start, or did not stop cleanly (exit 0, nothing left behind).
     """
     base = Path(tempfile.mkdtemp(prefix="joblet-daemon-"))
-    daemon = _spawn(base, config, port=_free_port(), parent=f"joblet-d{secrets.token_hex(4)}")
+    daemon = spawn_daemon(base, config, port=free_port(), parent=f"joblet-d{secrets.token_hex(4)}")
     failed = True
     try:
-        _wait_until_serving(daemon, startup_timeout)
+        wait_until_serving(daemon, startup_timeout)
         yield daemon
         failed = False
     finally:
         try:
-            _stop(daemon, stop_timeout)
+            stop_daemon(daemon, stop_timeout)
         except AssertionError:
             if not failed:
                 raise
@@ -141,10 +141,10 @@ class CrashableDaemon:
         self._base = base
         self._config = config
         self._timeout = timeout
-        self.daemon = _spawn(
-            base, config, port=_free_port(), parent=f"joblet-d{secrets.token_hex(4)}"
+        self.daemon = spawn_daemon(
+            base, config, port=free_port(), parent=f"joblet-d{secrets.token_hex(4)}"
         )
-        _wait_until_serving(self.daemon, timeout)
+        wait_until_serving(self.daemon, timeout)
 
     def kill(self) -> None:
         """SIGKILL the daemon and reap it; its jobs are left as they are."""
@@ -153,10 +153,10 @@ class CrashableDaemon:
 
     def restart(self) -> Daemon:
         """Start the daemon again (same state directory, port and cgroup parent)."""
-        self.daemon = _spawn(
+        self.daemon = spawn_daemon(
             self._base, self._config, port=self.daemon.port, parent=self.daemon.cgroup_parent
         )
-        _wait_until_serving(self.daemon, self._timeout)
+        wait_until_serving(self.daemon, self._timeout)
         return self.daemon
 
 
@@ -179,7 +179,7 @@ def crashable_daemon(
     finally:
         try:
             if ctl is not None:
-                _stop(ctl.daemon, timeout)
+                stop_daemon(ctl.daemon, timeout)
         except AssertionError:
             if not failed:
                 raise
@@ -217,9 +217,24 @@ def _force_remove_jobs(parent: str) -> None:
     _remove_parent(parent)
 
 
-def _spawn(base: Path, config: Mapping[str, Any] | None, *, port: int, parent: str) -> Daemon:
-    """Start ``joblet serve`` with its state in ``base / "state"`` (output appended to a log)."""
-    state = base / "state"
+def spawn_daemon(
+    base: Path,
+    config: Mapping[str, Any] | None,
+    *,
+    port: int,
+    parent: str,
+    state: Path | None = None,
+) -> Daemon:
+    """Start ``joblet serve`` with its state in ``base / "state"`` (output appended to a log).
+
+    Args:
+        base: Where its config file and log go (and its state, by default).
+        config: Extra configuration, as for :func:`running_daemon`.
+        port: Its port at 127.0.0.1.
+        parent: Its cgroup parent.
+        state: Another state directory.
+    """
+    state = state or base / "state"
     merged: dict[str, Any] = {"cgroup": {"parent": parent}}
     for section, values in (config or {}).items():
         if isinstance(values, Mapping):
@@ -276,14 +291,14 @@ def tls_handshake(daemon: Daemon, cert: Path, key: Path, timeout: float = 5.0) -
             tls.recv(1)  # the server's HTTP/2 SETTINGS, or its rejection
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def _wait_until_serving(daemon: Daemon, timeout: float) -> None:
+def wait_until_serving(daemon: Daemon, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     certs = daemon.certs
     while True:
@@ -303,7 +318,7 @@ def _wait_until_serving(daemon: Daemon, timeout: float) -> None:
         time.sleep(POLL)
 
 
-def _stop(daemon: Daemon, timeout: float) -> None:
+def stop_daemon(daemon: Daemon, timeout: float) -> None:
     process = daemon.process
     waiting = stage1_children(process.pid)
     if process.poll() is None:

@@ -163,7 +163,7 @@ class JobActor:
             # A bug or an unexpected system error: contained here, the job ends FAILED.
             logfmt.error("job failed internally", jobId=self.id, exc_info=True)
             if not self.state.ended:
-                self.state.internal_error(str(e) or type(e).__name__, time.time())
+                self.state.internal_error(_describe(e), time.time())
         except BaseException:
             # Cancelled: the daemon is shutting down. The cleanup below stops the job.
             if not self.state.ended:
@@ -325,3 +325,10 @@ class JobActor:
             reason=s.reason or "-",
         )
         self.done.set()
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line account of ``error``: a group by each of its errors, each by its message."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in error.exceptions)
+    return str(error) or type(error).__name__

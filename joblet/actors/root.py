@@ -11,6 +11,7 @@ cgroup parent.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -34,6 +35,7 @@ from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
 from joblet.sys import launch
+from joblet.sys import locks as locks_
 from joblet.sys.cgroups import CgroupDriver, detect_driver
 
 
@@ -69,22 +71,48 @@ def load_node_id(state_dir: Path) -> str:
 
 
 @asynccontextmanager
-async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIterator[Node]:
+async def open_node(
+    config: Config, *, shutdown_grace: float = 10.0, lock_state: bool = True
+) -> AsyncIterator[Node]:
     """Run a joblet node inside the caller's trio run.
+
+    The node holds an exclusive lock on its state directory and on its cgroup parent for its
+    whole life (:mod:`joblet.sys.locks`): a second node on either refuses to start, and recovery
+    only ever sweeps a parent this node holds.
 
     Args:
         config: The configuration (its ``state_dir`` is created if missing).
         shutdown_grace: On exit, how long running jobs get to stop gracefully before the engine
             is cancelled (which kills them).
+        lock_state: Take the state directory's lock; False when the caller already holds it
+            (``joblet serve`` takes it before it prepares the certificates in there).
 
     Yields:
         The running node.
+
+    Raises:
+        LockHeld: Another daemon holds the state directory or the cgroup parent.
     """
     state = config.state_dir.resolve()
+    with contextlib.ExitStack() as locks:
+        if lock_state:
+            locks.enter_context(locks_.hold_state_dir(state))
+        driver = detect_driver(config.cgroup)
+        # Locked before anything is set up or swept under it.
+        lock_dir = driver.parent_dirs()[0]
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        locks.enter_context(locks_.hold(lock_dir, "cgroup parent", directory=True))
+        async with _open_node(config, state, driver, shutdown_grace) as node:
+            yield node
+
+
+@asynccontextmanager
+async def _open_node(
+    config: Config, state: Path, driver: CgroupDriver, shutdown_grace: float
+) -> AsyncIterator[Node]:
     (state / "jobs").mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(parents=True, exist_ok=True)
     (state / "metrics").mkdir(parents=True, exist_ok=True)
-    driver = detect_driver(config.cgroup)
     driver.setup()
     persist = PersistActor(state / "logs", config.logs, db_path=state / "jobs.db")
     past = await persist.open_db()
@@ -146,7 +174,8 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     """Clean up after a daemon that died with jobs running; returns the jobs, all ended.
 
     Jobs the database still shows as starting or running end FAILED with the lifecycle's
-    ``restart`` (exit code -1, :data:`~joblet.core.lifecycle.RESTART_REASON`); every process left in a job group under the cgroup parent is killed and the
+    ``restart`` (exit code -1, :data:`~joblet.core.lifecycle.RESTART_REASON`); every process
+    left in a job group under the cgroup parent (which this node holds locked) is killed and the
     groups are removed (also groups of jobs the database never heard of); leftover job
     directories are deleted. Needs the persist actor running (the records are saved).
     """
