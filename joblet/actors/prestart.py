@@ -1,7 +1,7 @@
 """The stage-1 pool: stage-1 processes started ahead of demand, so a job start skips their start-up.
 
 Starting stage 1 (fork, exec, the interpreter's start-up and its imports) is most of a cold job
-start: about 12 ms of the 16 here. :class:`Stage1Pool` keeps ``isolation.prestart`` of them
+start (figures in ``docs/performance.md``). :class:`Stage1Pool` keeps ``isolation.prestart`` of them
 started and waiting (each one a :class:`~joblet.sys.launch.Stage1`, exactly what a cold start
 would run, blocked reading a launch spec it has not been given), hands one to each job start and
 starts a replacement once that job runs. When none is waiting, a job starts one of its own as
@@ -15,15 +15,8 @@ launch protocol (:class:`~joblet.sys.launch.Stage1Gone`): the start moves on to 
 so a dead process is never a job's.
 
 A waiting process stays in the daemon's cgroup: it joins its job's groups itself once it has the
-spec, and checks ``/proc/self/cgroup`` before any isolation, as a cold stage 1 does. Moving it
-into the next job's group ahead of time (a group created for a job id chosen in advance) would
-take the join off the start too, but the limits would then be written after the join: a memory
-limit below what the group already holds fails on v1 and OOM-kills on v2, and the start would
-need a fallback for it; the job id would have to come from the pool; and every waiting process
-would hold a job group. It is not needed on cgroup v1, where the join is cheap (stage 1 moves its
-only thread through ``tasks``, see :meth:`~joblet.sys.cgroups.CgroupDriver.membership`). On v2 the
-first join after a quiet spell waits for an RCU grace period unless the host mounts cgroup2 with
-``favordynmods``, which joblet leaves to the operator.
+spec, and checks ``/proc/self/cgroup`` before any isolation, as a cold stage 1 does (why it is not
+moved into a job group ahead of time: ``docs/decisions.md``).
 """
 
 from __future__ import annotations

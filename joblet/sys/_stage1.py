@@ -40,7 +40,7 @@ import os
 import sys
 
 # Not `from typing import TYPE_CHECKING`: importing typing (with re, enum, functools, collections)
-# cost about 9 ms per job start here, more than all the rest of stage 1's imports.
+# costs more per job start than all the rest of stage 1's imports (docs/performance.md).
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only
     from typing import Any, BinaryIO, NoReturn

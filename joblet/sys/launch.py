@@ -30,9 +30,9 @@ from joblet.core.errors import StartFailed
 STAGE1 = str(Path(__file__).with_name("_stage1.py"))
 #: How ``python -I -S -c`` runs stage 1: imported as a module rather than run as a script, so the
 #: interpreter loads its cached bytecode (``__pycache__``, kept fresh by the import system) instead
-#: of compiling the file on every job start (about 2 ms here). Its directory goes at the end of
-#: ``sys.path``, where it cannot shadow a standard module. ``main()`` never returns (it execs, or
-#: reports a failure and exits 127).
+#: of compiling the file on every job start (``docs/performance.md``). Its directory goes at the
+#: end of ``sys.path``, where it cannot shadow a standard module. ``main()`` never returns (it
+#: execs, or reports a failure and exits 127).
 STAGE1_BOOT = (
     f"import sys; sys.path.append({str(Path(STAGE1).parent)!r}); "
     "import _stage1; _stage1.main(); sys.exit(127)"
