@@ -33,8 +33,7 @@ import trio
 
 from joblet import logfmt
 from joblet.certs import CertError, CertPaths, init_certs
-from joblet.config import Config
-from joblet.configfile import ConfigError, dump_default_config, load_config
+from joblet.config import Config, ConfigError, dump_default_config, load_config
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

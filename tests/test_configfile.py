@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -12,6 +14,7 @@ import yaml
 from joblet.config import (
     CgroupSection,
     Config,
+    ConfigError,
     GrpcSection,
     IsolationSection,
     JobletSection,
@@ -23,14 +26,13 @@ from joblet.config import (
     PersistTlsSection,
     RetentionSection,
     SecuritySection,
-)
-from joblet.configfile import (
-    ConfigError,
     dump_default_config,
     format_duration,
     load_config,
     parse_duration,
 )
+from joblet.config.durations import is_seconds
+from joblet.config.fields import setting_of
 
 
 def _load(tmp_path: Path, text: str, **overrides: object) -> Config:
@@ -560,4 +562,71 @@ def test_default_config_shows_the_persist_keys_as_the_spec_writes_them() -> None
             "tls": {"enabled": False},
         },
         "storage": {"retention": {"logs_days": 30, "metrics_days": 90, "cleanup_interval": "24h"}},
+    }
+
+
+# --- one declaration per key, and its check holds for a Config built in code ----------------------
+
+
+def test_every_attribute_declares_its_key_and_doc() -> None:
+    def walk(cls: type) -> None:
+        keys = [setting_of(field).key for field in attrs.fields(cls)]
+        assert len(set(keys)) == len(keys)
+        for field in attrs.fields(cls):
+            assert setting_of(field).doc
+            if isinstance(field.type, type) and attrs.has(field.type):
+                walk(field.type)
+
+    walk(Config)
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: GrpcSection(port=0), "GrpcSection.port: must be between 1 and 65535 (got 0)"),
+        (lambda: CgroupSection(driver="v3"), "CgroupSection.driver: must be one of auto, v1, v2"),
+        (lambda: IsolationSection(prestart=65), "IsolationSection.prestart: must be between 0"),
+        (
+            lambda: IsolationSection(etc_files=("/etc/hosts", "hosts")),
+            "IsolationSection.etc_files[1]: must be an absolute path (got 'hosts')",
+        ),
+        (
+            lambda: JobletSection(job_timeout=0),
+            "JobletSection.job_timeout: must be positive (got 0s)",
+        ),
+        (
+            lambda: JobletSection(stop_grace_period=-1),
+            "JobletSection.stop_grace_period: must not be negative (got -1)",
+        ),
+        (lambda: LogsSection(flush_interval=True), "LogsSection.flush_interval: invalid duration"),
+        (
+            lambda: attrs.evolve(RetentionSection(), logs_days=-1),
+            "RetentionSection.logs_days: must not be negative",
+        ),
+    ],
+)
+def test_a_config_built_in_code_is_checked(build: Callable[[], object], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        build()
+
+
+def test_durations_in_code_are_seconds() -> None:
+    assert MetricsSection(interval=30).interval == 30.0
+    assert type(MetricsSection(interval=30).interval) is float
+    assert LogsSection(flush_interval="1m30s").flush_interval == 90.0  # type: ignore[arg-type]
+    # Only attributes typed Seconds are durations.
+    seconds = {
+        f"{cls.__name__}.{field.name}"
+        for cls in (JobletSection, GrpcSection, LogsSection, MetricsSection, RetentionSection)
+        for field in attrs.fields(cls)
+        if is_seconds(field.type)
+    }
+    assert seconds == {
+        "JobletSection.job_timeout",
+        "JobletSection.cleanup_timeout",
+        "JobletSection.stop_grace_period",
+        "GrpcSection.keep_alive_time",
+        "LogsSection.flush_interval",
+        "MetricsSection.interval",
+        "RetentionSection.cleanup_interval",
     }

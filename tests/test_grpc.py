@@ -44,8 +44,7 @@ import yaml
 
 from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
-from joblet.config import Config, GrpcSection
-from joblet.configfile import load_config
+from joblet.config import Config, GrpcSection, load_config
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.metrics import MetricsSample
