@@ -133,19 +133,19 @@ def _prepare_tls(config: Config) -> ssl.SSLContext:
     """Create ``<state>/certs`` if missing, load the server's TLS files, print how to connect."""
     from joblet.rpc.server import server_ssl_context
 
-    state = config.state_dir
-    certs_dir = state / "certs"
+    layout = config.layout
+    certs_dir = layout.certs_dir
     if not certs_dir.exists():
         address = config.grpc.address
         hosts = [] if address in _WILDCARD_ADDRESSES else [address]
         try:
-            state.mkdir(parents=True, exist_ok=True)
+            layout.root.mkdir(parents=True, exist_ok=True)
             init_certs(certs_dir, hosts=hosts)
         except (CertError, ValueError, OSError) as exc:
             raise Fatal(f"cannot create certificates in {certs_dir}: {exc}") from exc
         print(f"joblet: created a CA and certificates in {certs_dir}", flush=True)
     sec = config.security
-    ca, cert, key = (state / sec.ca_cert, state / sec.server_cert, state / sec.server_key)
+    ca, cert, key = (layout.under(p) for p in (sec.ca_cert, sec.server_cert, sec.server_key))
     try:
         context = server_ssl_context(ca, cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -192,10 +192,9 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
                 await node.nursery.start(server.run)
-                state = config.state_dir
                 persist = PersistService(
-                    state / "logs",
-                    state / "metrics",
+                    config.layout.logs_dir,
+                    config.layout.metrics_dir,
                     known_jobs=lambda: [job.id for job in node.engine.list_jobs()],
                     max_send_msg_size=grpc.max_send_msg_size,
                 )

@@ -26,6 +26,7 @@ from joblet.config import (
     PersistTlsSection,
     RetentionSection,
     SecuritySection,
+    StateLayout,
     dump_default_config,
     format_duration,
     load_config,
@@ -630,3 +631,47 @@ def test_durations_in_code_are_seconds() -> None:
         "MetricsSection.interval",
         "RetentionSection.cleanup_interval",
     }
+
+
+# --- the state directory's layout -----------------------------------------------------------------
+
+
+def test_state_layout_spells_every_path_under_the_state_dir() -> None:
+    layout = StateLayout(Path("/var/lib/joblet"))
+    assert {
+        "jobs": layout.jobs_dir,
+        "logs": layout.logs_dir,
+        "metrics": layout.metrics_dir,
+        "jobs.db": layout.jobs_db,
+        "node_id": layout.node_id,
+        "lock": layout.lock,
+        "run": layout.run_dir,
+        "socket": layout.persist_socket,
+        "certs": layout.certs_dir,
+    } == {
+        "jobs": Path("/var/lib/joblet/jobs"),
+        "logs": Path("/var/lib/joblet/logs"),
+        "metrics": Path("/var/lib/joblet/metrics"),
+        "jobs.db": Path("/var/lib/joblet/jobs.db"),
+        "node_id": Path("/var/lib/joblet/node_id"),
+        "lock": Path("/var/lib/joblet/joblet.lock"),
+        "run": Path("/var/lib/joblet/run"),
+        "socket": Path("/var/lib/joblet/run/persist-grpc.sock"),
+        "certs": Path("/var/lib/joblet/certs"),
+    }
+    assert layout.persist_socket.parent == layout.run_dir
+    # The default certificate paths are in the certificate directory.
+    sec = SecuritySection()
+    assert {layout.under(p).parent for p in (sec.ca_cert, sec.server_cert, sec.server_key)} == {
+        layout.certs_dir
+    }
+    assert layout.under("/etc/joblet/ca.pem") == Path("/etc/joblet/ca.pem")
+
+
+def test_state_layout_follows_the_config(tmp_path: Path) -> None:
+    config = _load(tmp_path, "stateDir: /s\npersist:\n  server:\n    grpc_socket: p.sock\n")
+    assert config.layout == StateLayout(Path("/s"), "p.sock")
+    assert config.layout.persist_socket == Path("/s/p.sock")
+    absolute = _load(tmp_path, "persist:\n  server:\n    grpc_socket: /run/j.sock\n")
+    assert absolute.layout.persist_socket == Path("/run/j.sock")
+    assert Config().layout == StateLayout(Path("state"))

@@ -54,9 +54,8 @@ class Node:
     nursery: trio.Nursery
 
 
-def load_node_id(state_dir: Path) -> str:
-    """This installation's node id, generated once and kept in ``<state>/node_id``."""
-    path = state_dir / "node_id"
+def load_node_id(path: Path) -> str:
+    """This installation's node id, generated once and kept in ``path`` (``<state>/node_id``)."""
     try:
         node_id = path.read_text().strip()
         if node_id:
@@ -82,32 +81,31 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     Yields:
         The running node.
     """
-    state = config.state_dir.resolve()
-    (state / "jobs").mkdir(parents=True, exist_ok=True)
-    (state / "logs").mkdir(parents=True, exist_ok=True)
-    (state / "metrics").mkdir(parents=True, exist_ok=True)
+    layout = attrs.evolve(config.layout, root=config.state_dir.resolve())
+    for directory in (layout.jobs_dir, layout.logs_dir, layout.metrics_dir):
+        directory.mkdir(parents=True, exist_ok=True)
     driver = detect_driver(config.cgroup)
     driver.setup()
-    persist = PersistActor(state / "logs", config.logs, db_path=state / "jobs.db")
+    persist = PersistActor(layout.logs_dir, config.logs, db_path=layout.jobs_db)
     past = await persist.open_db()
     ctx = JobContext(
         config=config,
         driver=driver,
         persist=persist,
         budget=LogBudget(config.logs.memory_budget),
-        jobs_dir=state / "jobs",
-        logs_dir=state / "logs",
-        metrics_dir=state / "metrics",
-        metrics=MetricsHub(state / "metrics", config.metrics, driver),
+        jobs_dir=layout.jobs_dir,
+        logs_dir=layout.logs_dir,
+        metrics_dir=layout.metrics_dir,
+        metrics=MetricsHub(layout.metrics_dir, config.metrics, driver),
         launcher=Stage1Pool(config.isolation.prestart),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
-        node_id=load_node_id(state),
+        node_id=load_node_id(layout.node_id),
     )
     logfmt.info(
         "joblet node starting",
         nodeId=ctx.node_id,
-        stateDir=str(state),
+        stateDir=str(layout.root),
         cgroup=f"v{driver.version}",
         knownJobs=len(past),
     )

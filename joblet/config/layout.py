@@ -39,19 +39,22 @@ class StateLayout:
 
     Attributes:
         root: The state directory (``stateDir``).
-        persist_socket: The Persist Service's Unix socket: ``persist.server.grpc_socket``, under
-            ``root`` unless absolute.
+        grpc_socket: ``persist.server.grpc_socket`` as configured: relative to ``root`` unless
+            absolute (see :attr:`persist_socket`).
     """
 
     root: Path
-    persist_socket: Path = attrs.field(
-        default=attrs.Factory(lambda self: self.root / DEFAULT_PERSIST_SOCKET, takes_self=True)
-    )
+    grpc_socket: str = DEFAULT_PERSIST_SOCKET
 
     @classmethod
     def of(cls, config: Config) -> StateLayout:
         """The layout ``config`` describes (its state directory and socket setting)."""
-        return cls(config.state_dir, config.state_dir / config.persist.server.grpc_socket)
+        return cls(config.state_dir, config.persist.server.grpc_socket)
+
+    @property
+    def persist_socket(self) -> Path:
+        """The Persist Service's Unix socket."""
+        return self.root / self.grpc_socket
 
     def under(self, configured: str | Path) -> Path:
         """A configured path (``security.caCert``): under the state directory unless absolute."""
