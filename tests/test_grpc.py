@@ -989,3 +989,36 @@ def test_certs_init_writes_every_file_and_keeps_them(
     (paths.admin_key).unlink()
     assert joblet_main.main(["certs", "init", "--dir", str(certs)]) == 1
     assert capsys.readouterr().err.startswith("joblet: certificate error: found admin-client-cert")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "missing command (see --help)"),
+        (["certs"], "missing command (see --help)"),
+        (["bogus"], "unknown command 'bogus' (see --help)"),
+        (["--bogus"], "unknown option '--bogus' (see --help)"),
+        # Worded by cyclopts: the part that names the problem.
+        (["serve", "--port", "x"], "--port"),
+        (["serve", "--log-level", "loud"], '"loud" for --log-level'),
+        (["certs", "init", "--days"], "--days requires an argument"),
+        (["config", "print", "extra"], "extra"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert joblet_main.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("joblet: ")
+    assert err.endswith("\n")
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert joblet_main.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--state-dir", "--port", "--address", "--log-level"):
+        assert option in out
