@@ -57,9 +57,11 @@ def setting(default: Any, *, key: str, doc: str, check: Check | None = None) -> 
 
 
 def duration(default: float, *, key: str, doc: str, check: Check | None = None) -> Any:
-    """A :data:`~joblet.config.durations.Seconds` attribute: like :func:`setting`, and its value
-    is converted by :func:`~joblet.config.durations.parse_duration` (``1`` becomes ``1.0``,
-    ``"5m"`` ``300.0``; a negative one is refused)."""
+    """A :data:`~joblet.config.durations.Seconds` attribute, declared like :func:`setting`.
+
+    Its value is converted by :func:`~joblet.config.durations.parse_duration`, in code as in the
+    file: ``1`` becomes ``1.0``, ``"5m"`` ``300.0``, and a negative one is refused.
+    """
     return attrs.field(
         default=default,
         converter=attrs.Converter(_seconds, takes_self=True, takes_field=True),
@@ -69,8 +71,7 @@ def duration(default: float, *, key: str, doc: str, check: Check | None = None) 
 
 
 def section(cls: type[T], *, key: str, doc: str) -> Any:
-    """An attribute that holds a nested section (a mapping in the file); its default is
-    ``cls()``."""
+    """An attribute that holds a nested section (a mapping in the file), by default ``cls()``."""
     return attrs.field(factory=cls, metadata={_METADATA_KEY: Setting(key, doc)})
 
 

@@ -224,9 +224,12 @@ def _str_tuple(value: object, _: object = None) -> tuple[str, ...]:
 
 
 def _checked(base: Callable[[Any, Any], T], check: Check) -> Callable[[Any, Any], T]:
-    """The type's conversion, then the attribute's check (here, so that the problem is reported
-    under its key, together with the file's other problems; the attrs validator, which runs the
-    same check again when the class is built, then passes)."""
+    """The type's conversion, then the attribute's check.
+
+    The check runs here too, not only as the attrs validator, so that its problem is reported under
+    its key together with the file's other problems (cattrs collects errors per attribute, and a
+    validator only fails later, in the class's ``__init__``).
+    """
 
     def hook(value: Any, type_: Any) -> T:
         result = base(value, type_)
