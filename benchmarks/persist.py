@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 
 from joblet.actors.persist import PersistActor
-from joblet.config import Config, LogsSection
+from joblet.config import Config, LogsSection, StateLayout
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
@@ -118,7 +118,7 @@ def _status(field: str) -> int:
 async def query_path(state: Path) -> dict[str, float]:
     """QueryLogs of the whole log via the Unix socket, client in a separate process."""
     config = Config(state_dir=state)
-    service = PersistService(state / "logs", state / "metrics")
+    service = PersistService(config.layout.logs_dir, config.layout.metrics_dir)
     async with await open_persist_listeners(config) as listeners, trio.open_nursery() as nursery:
         await nursery.start(PersistServer(service, listeners, None, config).run)
         gc.collect()
@@ -201,12 +201,13 @@ def run(
 async def _measure() -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="joblet-bench-persist-") as tmp:
         state = Path(tmp) / "state"
+        logs_dir = StateLayout(state).logs_dir
         data = make_lines(LOG_BYTES)
         lines = len(data) // LINE_BYTES
-        t_write = await write_path(state / "logs", data, BATCH)
+        t_write = await write_path(logs_dir, data, BATCH)
         t_gzip, _ = await trio.to_thread.run_sync(gzip_seconds, data, Path(tmp))
         del data
-        job_dir = state / "logs" / JOB_ID
+        job_dir = logs_dir / JOB_ID
         on_disk = sum(p.stat().st_size for p in job_dir.iterdir())
         t_zcat = await trio.to_thread.run_sync(zcat_seconds, job_dir)
         query = await query_path(state)

@@ -440,7 +440,7 @@ async def bench_logs(joblet: Harness, args: argparse.Namespace, results: Results
         await joblet.engine.context.persist.flush()
         t_disk = time.perf_counter() - t0
         assert final.status is JobStatus.COMPLETED and received == size, (final, received)
-        log_dir = joblet.state_dir / "logs" / job.id
+        log_dir = joblet.node.config.layout.logs_dir / job.id
         persisted = await trio.to_thread.run_sync(lambda: LogFileReader(log_dir).size())
         assert persisted == size, f"only {persisted} of {size} bytes on disk when the clock stopped"
         on_disk = sum(p.stat().st_size for p in log_dir.iterdir())

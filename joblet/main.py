@@ -19,7 +19,6 @@ configuration errors, 1 for the rest); never a traceback.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -27,18 +26,21 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import attrs
 import trio
+from cyclopts import App, CycloptsError, Parameter
 
+import joblet
 from joblet import logfmt
 from joblet.certs import CertError, CertPaths, init_certs
-from joblet.config import Config
-from joblet.configfile import ConfigError, dump_default_config, load_config
+from joblet.config import Config, ConfigError, dump_default_config, load_config
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-_LOG_LEVELS = {
+LogLevel = Literal["debug", "error", "info", "warn"]
+_LOG_LEVELS: dict[LogLevel, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warn": logging.WARNING,
@@ -51,31 +53,60 @@ class Fatal(Exception):
     """An expected reason the command cannot go on; its message is printed as is."""
 
 
+class UsageError(Exception):
+    """The command line names no command (cyclopts checks the rest)."""
+
+
+app = App(
+    name="joblet",
+    help="joblet: run Linux jobs with isolation and resource limits.",
+    version=joblet.__version__,
+)
+certs_app = App(name="certs", help="Manage mutual TLS certificates.")
+config_app = App(name="config", help="The configuration file.")
+app.command(certs_app)
+app.command(config_app)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``joblet`` command line; returns the exit status.
+
+    Errors become one line and an exit status here, and only here.
 
     Args:
         argv: The arguments (without the program name); by default ``sys.argv[1:]``.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
+    tokens = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command == "serve":
-            return serve(args)
-        if args.command == "certs":
-            return certs_init(args)
-        sys.stdout.write(dump_default_config())
-        return 0
+        result = app(tokens, exit_on_error=False, print_error=False, result_action="return_value")
+    except (CycloptsError, UsageError) as exc:
+        return _fail(" ".join(str(exc).split()), EXIT_USAGE)
     except ConfigError as exc:
         return _fail(f"config error: {exc}", EXIT_USAGE)
     except Fatal as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    return result if isinstance(result, int) else 0
 
 
-def serve(args: argparse.Namespace) -> int:
-    """``joblet serve``: run the daemon until SIGTERM or SIGINT.
+@app.command(name="serve")
+def serve(
+    *,
+    config_file: Annotated[Path | None, Parameter(name="--config")] = None,
+    state_dir: str | None = None,
+    port: int | None = None,
+    address: str | None = None,
+    log_level: LogLevel = "info",
+) -> int:
+    """Run the daemon until SIGTERM or SIGINT.
+
+    Args:
+        config_file: Configuration file (joblet-config.yml).
+        state_dir: Directory of all state (default: ./state).
+        port: Port to listen on (default: 50051).
+        address: Address to listen on (default: 0.0.0.0).
+        log_level: Least severe log records written.
 
     Raises:
         ConfigError: The configuration is invalid.
@@ -89,21 +120,17 @@ def serve(args: argparse.Namespace) -> int:
             f"(current uid: {os.geteuid()})"
         )
     config = load_config(
-        args.config,
-        overrides={
-            "stateDir": args.state_dir,
-            "grpc.port": args.port,
-            "grpc.address": args.address,
-        },
+        config_file,
+        overrides={"stateDir": state_dir, "grpc.port": port, "grpc.address": address},
     )
     config = attrs.evolve(config, state_dir=config.state_dir.resolve())
-    logfmt.setup(_LOG_LEVELS[args.log_level])
+    logfmt.setup(_LOG_LEVELS[log_level])
     from joblet.sys import locks  # Linux-only machinery: imported to serve
     from joblet.sys.cgroups import CgroupUnavailable
 
     try:
         # Before anything in the state directory is touched (certificates, sockets, database).
-        with locks.hold_state_dir(config.state_dir):
+        with locks.hold_state_dir(config.state_dir, config.layout.lock):
             ssl_context = _prepare_tls(config)
             trio.run(_run_daemon, config, ssl_context)
     except locks.LockHeld as exc:
@@ -116,20 +143,52 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def certs_init(args: argparse.Namespace) -> int:
-    """``joblet certs init``: create (or complete) a certificate directory.
+@certs_app.command(name="init")
+def certs_init(
+    *,
+    directory: Annotated[Path, Parameter(name="--dir")] = Path("state/certs"),
+    host: Annotated[list[str] | None, Parameter(negative_iterable="")] = None,
+    days: int = 365,
+    force: Annotated[bool, Parameter(negative="")] = False,
+) -> int:
+    """Create a CA, the server's and the admin and viewer client certificates.
+
+    An existing directory is completed; its files are kept unless ``--force``.
+
+    Args:
+        directory: Directory to write.
+        host: Extra server name or IP for the server certificate (repeatable).
+        days: Validity of the certificates, in days.
+        force: Replace existing files.
 
     Raises:
         Fatal: The directory cannot be completed consistently.
     """
     try:
-        paths = init_certs(Path(args.dir), hosts=args.host, days=args.days, force=args.force)
+        paths = init_certs(directory, hosts=host or [], days=days, force=force)
     except (CertError, ValueError, OSError) as exc:
         raise Fatal(f"certificate error: {exc}") from exc
     print(f"joblet: certificates in {paths.certs_dir.resolve()}:")
     for path in (paths.ca_cert, paths.ca_key, *paths.leaf_files()):
         print(f"  {path.name}")
     return 0
+
+
+@config_app.command(name="print")
+def config_print() -> int:
+    """Print the default configuration (YAML), every key with its doc."""
+    sys.stdout.write(dump_default_config())
+    return 0
+
+
+@app.default
+@certs_app.default
+@config_app.default
+def _no_command(*tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)]) -> int:
+    if not tokens:
+        raise UsageError("missing command (see --help)")
+    what = "option" if tokens[0].startswith("-") else "command"
+    raise UsageError(f"unknown {what} {tokens[0]!r} (see --help)")
 
 
 # --- serve ---------------------------------------------------------------------------------------
@@ -139,19 +198,19 @@ def _prepare_tls(config: Config) -> ssl.SSLContext:
     """Create ``<state>/certs`` if missing, load the server's TLS files, print how to connect."""
     from joblet.rpc.server import server_ssl_context
 
-    state = config.state_dir
-    certs_dir = state / "certs"
+    layout = config.layout
+    certs_dir = layout.certs_dir
     if not certs_dir.exists():
         address = config.grpc.address
         hosts = [] if address in _WILDCARD_ADDRESSES else [address]
         try:
-            state.mkdir(parents=True, exist_ok=True)
+            layout.root.mkdir(parents=True, exist_ok=True)
             init_certs(certs_dir, hosts=hosts)
         except (CertError, ValueError, OSError) as exc:
             raise Fatal(f"cannot create certificates in {certs_dir}: {exc}") from exc
         print(f"joblet: created a CA and certificates in {certs_dir}", flush=True)
     sec = config.security
-    ca, cert, key = (state / sec.ca_cert, state / sec.server_cert, state / sec.server_key)
+    ca, cert, key = (layout.under(p) for p in (sec.ca_cert, sec.server_cert, sec.server_key))
     try:
         context = server_ssl_context(ca, cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -198,10 +257,9 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
                 await node.nursery.start(server.run)
-                state = config.state_dir
                 persist = PersistService(
-                    state / "logs",
-                    state / "metrics",
+                    config.layout.logs_dir,
+                    config.layout.metrics_dir,
                     known_jobs=lambda: [job.id for job in node.engine.list_jobs()],
                     max_send_msg_size=grpc.max_send_msg_size,
                 )
@@ -212,47 +270,6 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                     break
                 # Leaving the node stops every job (gracefully, then by force) and flushes the
                 # logs; the server answers until then, so log streams end with the jobs.
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="joblet", description="joblet: run Linux jobs with isolation and resource limits."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", type=Path, help="configuration file (joblet-config.yml)")
-    serve.add_argument("--state-dir", help="directory of all state (default: ./state)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: 50051)")
-    serve.add_argument("--address", help="address to listen on (default: 0.0.0.0)")
-    serve.add_argument(
-        "--log-level", choices=sorted(_LOG_LEVELS), default="info", help="default: info"
-    )
-
-    certs = commands.add_parser("certs", help="manage mutual TLS certificates")
-    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
-    init = certs_commands.add_parser(
-        "init", help="create a CA, the server's and the admin and viewer client certificates"
-    )
-    init.add_argument(
-        "--dir", default="state/certs", help="directory to write (default: state/certs)"
-    )
-    init.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        help="extra server name or IP for the server certificate (repeatable)",
-    )
-    init.add_argument("--days", type=int, default=365, help="validity (default: 365)")
-    init.add_argument("--force", action="store_true", help="replace existing files")
-
-    config = commands.add_parser("config", help="configuration")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
-    config_commands.add_parser("print", help="print the default configuration (YAML)")
-    return parser
 
 
 def _fail(message: str, status: int = EXIT_FAILURE) -> int:

@@ -38,6 +38,7 @@ import attrs
 import yaml
 
 from joblet.certs import CertPaths
+from joblet.config import StateLayout
 from joblet.sys.cgroups import DAEMON_LEAF
 from tests.conftest import CGROUP_ROOT, processes_in_cgroup_named, stage1_children
 
@@ -52,7 +53,7 @@ class Daemon:
 
     Attributes:
         process: The ``joblet serve`` process.
-        state_dir: Its state directory (certificates in ``state_dir / "certs"``).
+        state_dir: Its state directory (certificates in its ``StateLayout.certs_dir``).
         port: The port it listens on, at 127.0.0.1.
         certs: Its certificate files (CA, server, admin, viewer, client).
         log_path: Its stdout and stderr.
@@ -271,7 +272,7 @@ def spawn_daemon(
         process=process,
         state_dir=state,
         port=port,
-        certs=CertPaths.in_dir(state / "certs"),
+        certs=CertPaths.in_dir(StateLayout(state).certs_dir),
         log_path=log_path,
         cgroup_parent=parent,
     )

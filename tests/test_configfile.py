@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -12,6 +14,7 @@ import yaml
 from joblet.config import (
     CgroupSection,
     Config,
+    ConfigError,
     GrpcSection,
     IsolationSection,
     JobletSection,
@@ -23,14 +26,14 @@ from joblet.config import (
     PersistTlsSection,
     RetentionSection,
     SecuritySection,
-)
-from joblet.configfile import (
-    ConfigError,
+    StateLayout,
     dump_default_config,
     format_duration,
     load_config,
     parse_duration,
 )
+from joblet.config.durations import is_seconds
+from joblet.config.fields import setting_of
 
 
 def _load(tmp_path: Path, text: str, **overrides: object) -> Config:
@@ -561,3 +564,114 @@ def test_default_config_shows_the_persist_keys_as_the_spec_writes_them() -> None
         },
         "storage": {"retention": {"logs_days": 30, "metrics_days": 90, "cleanup_interval": "24h"}},
     }
+
+
+# --- one declaration per key, and its check holds for a Config built in code ----------------------
+
+
+def test_every_attribute_declares_its_key_and_doc() -> None:
+    def walk(cls: type) -> None:
+        keys = [setting_of(field).key for field in attrs.fields(cls)]
+        assert len(set(keys)) == len(keys)
+        for field in attrs.fields(cls):
+            assert setting_of(field).doc
+            if isinstance(field.type, type) and attrs.has(field.type):
+                walk(field.type)
+
+    walk(Config)
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: GrpcSection(port=0), "GrpcSection.port: must be between 1 and 65535 (got 0)"),
+        (lambda: CgroupSection(driver="v3"), "CgroupSection.driver: must be one of auto, v1, v2"),
+        (lambda: IsolationSection(prestart=65), "IsolationSection.prestart: must be between 0"),
+        (
+            lambda: IsolationSection(etc_files=("/etc/hosts", "hosts")),
+            "IsolationSection.etc_files[1]: must be an absolute path (got 'hosts')",
+        ),
+        (
+            lambda: JobletSection(job_timeout=0),
+            "JobletSection.job_timeout: must be positive (got 0s)",
+        ),
+        (
+            lambda: JobletSection(stop_grace_period=-1),
+            "JobletSection.stop_grace_period: must not be negative (got -1)",
+        ),
+        (lambda: LogsSection(flush_interval=True), "LogsSection.flush_interval: invalid duration"),
+        (
+            lambda: attrs.evolve(RetentionSection(), logs_days=-1),
+            "RetentionSection.logs_days: must not be negative",
+        ),
+    ],
+)
+def test_a_config_built_in_code_is_checked(build: Callable[[], object], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        build()
+
+
+def test_durations_in_code_are_seconds() -> None:
+    assert MetricsSection(interval=30).interval == 30.0
+    assert type(MetricsSection(interval=30).interval) is float
+    assert LogsSection(flush_interval="1m30s").flush_interval == 90.0  # type: ignore[arg-type]
+    # Only attributes typed Seconds are durations.
+    seconds = {
+        f"{cls.__name__}.{field.name}"
+        for cls in (JobletSection, GrpcSection, LogsSection, MetricsSection, RetentionSection)
+        for field in attrs.fields(cls)
+        if is_seconds(field.type)
+    }
+    assert seconds == {
+        "JobletSection.job_timeout",
+        "JobletSection.cleanup_timeout",
+        "JobletSection.stop_grace_period",
+        "GrpcSection.keep_alive_time",
+        "LogsSection.flush_interval",
+        "MetricsSection.interval",
+        "RetentionSection.cleanup_interval",
+    }
+
+
+# --- the state directory's layout -----------------------------------------------------------------
+
+
+def test_state_layout_spells_every_path_under_the_state_dir() -> None:
+    layout = StateLayout(Path("/var/lib/joblet"))
+    assert {
+        "jobs": layout.jobs_dir,
+        "logs": layout.logs_dir,
+        "metrics": layout.metrics_dir,
+        "jobs.db": layout.jobs_db,
+        "node_id": layout.node_id,
+        "lock": layout.lock,
+        "run": layout.run_dir,
+        "socket": layout.persist_socket,
+        "certs": layout.certs_dir,
+    } == {
+        "jobs": Path("/var/lib/joblet/jobs"),
+        "logs": Path("/var/lib/joblet/logs"),
+        "metrics": Path("/var/lib/joblet/metrics"),
+        "jobs.db": Path("/var/lib/joblet/jobs.db"),
+        "node_id": Path("/var/lib/joblet/node_id"),
+        "lock": Path("/var/lib/joblet/joblet.lock"),
+        "run": Path("/var/lib/joblet/run"),
+        "socket": Path("/var/lib/joblet/run/persist-grpc.sock"),
+        "certs": Path("/var/lib/joblet/certs"),
+    }
+    assert layout.persist_socket.parent == layout.run_dir
+    # The default certificate paths are in the certificate directory.
+    sec = SecuritySection()
+    assert {layout.under(p).parent for p in (sec.ca_cert, sec.server_cert, sec.server_key)} == {
+        layout.certs_dir
+    }
+    assert layout.under("/etc/joblet/ca.pem") == Path("/etc/joblet/ca.pem")
+
+
+def test_state_layout_follows_the_config(tmp_path: Path) -> None:
+    config = _load(tmp_path, "stateDir: /s\npersist:\n  server:\n    grpc_socket: p.sock\n")
+    assert config.layout == StateLayout(Path("/s"), "p.sock")
+    assert config.layout.persist_socket == Path("/s/p.sock")
+    absolute = _load(tmp_path, "persist:\n  server:\n    grpc_socket: /run/j.sock\n")
+    assert absolute.layout.persist_socket == Path("/run/j.sock")
+    assert Config().layout == StateLayout(Path("state"))

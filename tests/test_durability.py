@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from joblet.config import CgroupSection
+from joblet.config import CgroupSection, StateLayout
 from joblet.core.errors import JobNotFound, JobStillRunning
 from joblet.core.lifecycle import RESTART_REASON
 from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits
@@ -48,7 +48,7 @@ def info(job_id: str, status: JobStatus = JobStatus.COMPLETED, **kw: object) -> 
 
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[JobDB]:
-    jobs = JobDB(tmp_path / "jobs.db")
+    jobs = JobDB(StateLayout(tmp_path).jobs_db)
     yield jobs
     jobs.close()
 
@@ -60,7 +60,7 @@ def test_jobs_round_trip_in_first_saved_order(db: JobDB, tmp_path: Path) -> None
     b_done = info("b", JobStatus.STOPPED, exit_code=-1, reason="stopped")
     db.save([b_done])  # an update keeps the job's place
     db.close()
-    again = JobDB(tmp_path / "jobs.db")
+    again = JobDB(StateLayout(tmp_path).jobs_db)
     assert again.load() == [a, b_done, c]
     again.delete(["a", "missing"])
     assert [j.id for j in again.load()] == ["b", "c"]
@@ -139,7 +139,7 @@ async def test_jobs_left_running_by_a_crash_are_failed_and_their_processes_kille
     state.mkdir(parents=True)
     job_id = "0b7a7b46-5a4f-4c4e-9f2e-1d2c3b4a5968"
     orphan_group = "4d0f1c2e-aaaa-4bbb-8ccc-123456789abc"  # a group the database never saw
-    db = JobDB(state / "jobs.db")
+    db = JobDB(StateLayout(state).jobs_db)
     db.save([info(job_id, JobStatus.RUNNING, exit_code=0, reason="")])
     db.close()
     driver = detect_driver(CgroupSection(parent=parent))
@@ -151,7 +151,7 @@ async def test_jobs_left_running_by_a_crash_are_failed_and_their_processes_kille
         for path in _procs_files(driver, group):
             path.write_text(str(proc.pid))
         victims.append(proc)
-    (state / "jobs" / "leftover" / "work").mkdir(parents=True)
+    (StateLayout(state).jobs_dir / "leftover" / "work").mkdir(parents=True)
     try:
         with trio.fail_after(60):
             async with open_harness(make_config(), state_dir=state, cgroup_parent=parent) as h:
@@ -165,7 +165,7 @@ async def test_jobs_left_running_by_a_crash_are_failed_and_their_processes_kille
                 for proc in victims:
                     assert proc.wait(10) == -9  # already dead: reaps at once
                 assert driver.job_groups() == []
-                assert list((state / "jobs").iterdir()) == []
+                assert list(StateLayout(state).jobs_dir.iterdir()) == []
             # The verdict is on record: a second restart sees the same.
             async with open_harness(make_config(), state_dir=state, cgroup_parent=parent) as h:
                 assert h.engine.get(job_id) == job
@@ -197,7 +197,7 @@ async def test_delete_removes_an_ended_job_with_its_files_for_good(
                 await h.engine.delete_job(running.id[:13])
             deleted = await h.engine.delete_job(done.id[:13])
             assert deleted.id == done.id
-            assert not (state / "logs" / done.id).exists()
+            assert not (StateLayout(state).logs_dir / done.id).exists()
             with pytest.raises(JobNotFound):
                 h.engine.get(done.id)
             with pytest.raises(JobNotFound):
@@ -219,7 +219,7 @@ async def test_delete_all_deletes_every_ended_job_and_skips_running_ones(
             running = await h.run("sleep", "60")
             assert await h.engine.delete_all_jobs() == (3, 1)
             assert [j.id for j in h.engine.list_jobs()] == [running.id]
-            assert [p.name for p in (state / "logs").iterdir()] in ([], [running.id])
+            assert [p.name for p in StateLayout(state).logs_dir.iterdir()] in ([], [running.id])
             assert await h.engine.delete_all_jobs() == (0, 1)
             await h.engine.stop_job(running.id)
             assert await h.engine.delete_all_jobs() == (1, 0)

@@ -44,8 +44,7 @@ import yaml
 
 from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
-from joblet.config import Config, GrpcSection
-from joblet.configfile import load_config
+from joblet.config import Config, GrpcSection, StateLayout, load_config
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.metrics import MetricsSample
@@ -397,7 +396,7 @@ def test_delete_job_and_delete_all(admin: Any, viewer: Any, daemon: Daemon) -> N
         )
         res = admin.DeleteJob(pb.DeleteJobReq(id=ended.id[:8]), timeout=T)
         assert (res.id, res.success) == (ended.id, True)
-        assert not (daemon.state_dir / "logs" / ended.id).exists()
+        assert not (StateLayout(daemon.state_dir).logs_dir / ended.id).exists()
         err = rpc_error(lambda: admin.GetJobStatus(pb.GetJobStatusReq(id=ended.id), timeout=T))
         assert_status(err, Code.NOT_FOUND, f"job not found: {ended.id}")
         err = rpc_error(lambda: admin.DeleteJob(pb.DeleteJobReq(id=ended.id), timeout=T))
@@ -487,7 +486,7 @@ def test_large_output_comes_in_messages_of_at_most_64k_and_resumes_at_an_offset(
 def test_client_disconnecting_mid_stream_costs_nothing(admin: Any, daemon: Daemon) -> None:
     res = run(admin, "sh", "-c", "while true; do echo tick; sleep 0.02; done")
     # The persist actor opens the job's log files with its first write: count after that.
-    index = daemon.state_dir / "logs" / res.id / "index"
+    index = StateLayout(daemon.state_dir).logs_dir / res.id / "index"
     for _ in range(200):
         if index.exists() and index.stat().st_size > 0:
             break
@@ -990,3 +989,36 @@ def test_certs_init_writes_every_file_and_keeps_them(
     (paths.admin_key).unlink()
     assert joblet_main.main(["certs", "init", "--dir", str(certs)]) == 1
     assert capsys.readouterr().err.startswith("joblet: certificate error: found admin-client-cert")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "missing command (see --help)"),
+        (["certs"], "missing command (see --help)"),
+        (["bogus"], "unknown command 'bogus' (see --help)"),
+        (["--bogus"], "unknown option '--bogus' (see --help)"),
+        # Worded by cyclopts: the part that names the problem.
+        (["serve", "--port", "x"], "--port"),
+        (["serve", "--log-level", "loud"], '"loud" for --log-level'),
+        (["certs", "init", "--days"], "--days requires an argument"),
+        (["config", "print", "extra"], "extra"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert joblet_main.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("joblet: ")
+    assert err.endswith("\n")
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert joblet_main.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--state-dir", "--port", "--address", "--log-level"):
+        assert option in out

@@ -75,16 +75,16 @@ async def serving(
     max_send: int = 4 << 20,
 ) -> AsyncIterator[Served]:
     """Serve ``state``'s logs and metrics; with ``certs``, on TCP with mutual TLS too."""
+    with attrs.validators.disabled():  # tcp_port 0, any free port, is refused by its check
+        server = PersistServerSection(
+            tcp_address="127.0.0.1",
+            tcp_port=0,
+            tls=PersistTlsSection(enabled=certs is not None),
+        )
     config = Config(
         state_dir=state,
         grpc=GrpcSection(max_send_msg_size=max_send),
-        persist=PersistSection(
-            server=PersistServerSection(
-                tcp_address="127.0.0.1",
-                tcp_port=0,  # any free port (the file's checks would refuse 0)
-                tls=PersistTlsSection(enabled=certs is not None),
-            )
-        ),
+        persist=PersistSection(server=server),
     )
     ctx = None
     if certs is not None:

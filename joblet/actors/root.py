@@ -30,7 +30,7 @@ from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.supervisor import supervise
-from joblet.config import Config
+from joblet.config import Config, StateLayout
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
@@ -54,9 +54,8 @@ class Node:
     nursery: trio.Nursery
 
 
-def load_node_id(state_dir: Path) -> str:
-    """This installation's node id, generated once and kept in ``<state>/node_id``."""
-    path = state_dir / "node_id"
+def load_node_id(path: Path) -> str:
+    """This installation's node id, generated once and kept in ``path`` (``<state>/node_id``)."""
     try:
         node_id = path.read_text().strip()
         if node_id:
@@ -93,47 +92,46 @@ async def open_node(
     Raises:
         LockHeld: Another daemon holds the state directory or the cgroup parent.
     """
-    state = config.state_dir.resolve()
+    layout = attrs.evolve(config.layout, root=config.state_dir.resolve())
     with contextlib.ExitStack() as locks:
         if lock_state:
-            locks.enter_context(locks_.hold_state_dir(state))
+            locks.enter_context(locks_.hold_state_dir(layout.root, layout.lock))
         driver = detect_driver(config.cgroup)
         # Locked before anything is set up or swept under it.
         lock_dir = driver.parent_dirs()[0]
         lock_dir.mkdir(parents=True, exist_ok=True)
         locks.enter_context(locks_.hold(lock_dir, "cgroup parent", directory=True))
-        async with _open_node(config, state, driver, shutdown_grace) as node:
+        async with _open_node(config, layout, driver, shutdown_grace) as node:
             yield node
 
 
 @asynccontextmanager
 async def _open_node(
-    config: Config, state: Path, driver: CgroupDriver, shutdown_grace: float
+    config: Config, layout: StateLayout, driver: CgroupDriver, shutdown_grace: float
 ) -> AsyncIterator[Node]:
-    (state / "jobs").mkdir(parents=True, exist_ok=True)
-    (state / "logs").mkdir(parents=True, exist_ok=True)
-    (state / "metrics").mkdir(parents=True, exist_ok=True)
+    for directory in (layout.jobs_dir, layout.logs_dir, layout.metrics_dir):
+        directory.mkdir(parents=True, exist_ok=True)
     driver.setup()
-    persist = PersistActor(state / "logs", config.logs, db_path=state / "jobs.db")
+    persist = PersistActor(layout.logs_dir, config.logs, db_path=layout.jobs_db)
     past = await persist.open_db()
     ctx = JobContext(
         config=config,
         driver=driver,
         persist=persist,
         budget=LogBudget(config.logs.memory_budget),
-        jobs_dir=state / "jobs",
-        logs_dir=state / "logs",
-        metrics_dir=state / "metrics",
-        metrics=MetricsHub(state / "metrics", config.metrics, driver),
+        jobs_dir=layout.jobs_dir,
+        logs_dir=layout.logs_dir,
+        metrics_dir=layout.metrics_dir,
+        metrics=MetricsHub(layout.metrics_dir, config.metrics, driver),
         launcher=Stage1Pool(config.isolation.prestart),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
-        node_id=load_node_id(state),
+        node_id=load_node_id(layout.node_id),
     )
     logfmt.info(
         "joblet node starting",
         nodeId=ctx.node_id,
-        stateDir=str(state),
+        stateDir=str(layout.root),
         cgroup=f"v{driver.version}",
         knownJobs=len(past),
     )

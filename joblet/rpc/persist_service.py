@@ -352,7 +352,7 @@ def _limit(limit: int) -> int:
 
 def socket_path(config: Config) -> Path:
     """The Unix socket's path (``persist.server.grpc_socket``, relative to the state directory)."""
-    return config.state_dir / config.persist.server.grpc_socket
+    return config.layout.persist_socket
 
 
 @attrs.define

@@ -101,17 +101,13 @@ def hold(
         os.close(fd)
 
 
-#: The lock file's name in the state directory.
-STATE_LOCK_NAME = "joblet.lock"
-
-
 @contextlib.contextmanager
-def hold_state_dir(state_dir: Path) -> Iterator[int]:
-    """Hold the state directory's lock (``<state>/joblet.lock``); creates the directory.
+def hold_state_dir(state_dir: Path, lock_file: Path) -> Iterator[int]:
+    """Hold the state directory's lock (``lock_file``, ``StateLayout.lock``); creates the directory.
 
     Raises:
         LockHeld: Another daemon uses the directory.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    with hold(state_dir / STATE_LOCK_NAME, "state directory", shown=state_dir) as fd:
+    with hold(lock_file, "state directory", shown=state_dir) as fd:
         yield fd
