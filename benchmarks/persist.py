@@ -30,6 +30,7 @@ import trio
 
 from joblet.actors.persist import PersistActor
 from joblet.config import Config, LogsSection
+from joblet.core.chunks import STDOUT
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
@@ -38,7 +39,6 @@ from joblet.rpc.persist_service import (
 )
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, job_log_dir
-from joblet.store.logindex import STDOUT
 
 #: Bytes per line, as the spec's throughput claim is usually read.
 LINE_BYTES = 40

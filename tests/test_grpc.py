@@ -46,6 +46,7 @@ from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
 from joblet.config import Config, GrpcSection
 from joblet.configfile import load_config
+from joblet.core.chunks import Chunk
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.metrics import MetricsSample
@@ -54,7 +55,6 @@ from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from joblet.rpc import auth
 from joblet.rpc.server import GrpcServer, open_listener, server_ssl_context
 from joblet.rpc.service import MAX_CHUNK, JobService
-from joblet.store.logindex import Chunk
 from tests.conftest import require_root
 from tests.daemon import REPO, Daemon, running_daemon
 

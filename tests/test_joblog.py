@@ -18,9 +18,9 @@ import trio.testing
 
 from joblet.actors.persist import PersistActor
 from joblet.config import LogsSection
+from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.store.joblog import MAX_CHUNK, JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, LogFileWriter
-from joblet.store.logindex import STDERR, STDOUT, Chunk
 
 JOB = "job-1"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.store import loglines
 from joblet.store.logfiles import LogFileWriter
-from joblet.store.logindex import STDERR, STDOUT, Chunk
 from joblet.store.loglines import LineQuery, Lines, LogLineReader
 
 OUT, ERR = STDOUT, STDERR

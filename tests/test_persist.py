@@ -14,11 +14,11 @@ import trio.testing
 
 from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult, _Record
 from joblet.config import LogsSection
+from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
-from joblet.store.logindex import STDERR, STDOUT, Chunk
 
 
 def make_log(logs_dir: Path, persist: PersistActor, job_id: str = "job-1") -> JobLog:

@@ -20,6 +20,7 @@ import trio
 
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
+from joblet.core.chunks import Chunk
 from joblet.core.errors import (
     AmbiguousJobId,
     JobNotFound,
@@ -32,7 +33,6 @@ from joblet.core.model import JobInfo, JobSpec
 from joblet.metrics import MetricsSample
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
-from joblet.store.logindex import Chunk
 from joblet.store.metrics import delete_job_metrics
 
 

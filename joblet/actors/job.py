@@ -24,12 +24,12 @@ from joblet.actors.metrics import MetricsHub
 from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.config import Config
+from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.errors import StartFailed
 from joblet.core.lifecycle import JobState
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader
-from joblet.store.logindex import STDERR, STDOUT
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver
 

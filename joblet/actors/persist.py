@@ -28,11 +28,11 @@ import trio
 
 from joblet import logfmt
 from joblet.config import LogsSection
+from joblet.core.chunks import Chunk
 from joblet.core.model import JobInfo
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, job_log_dir
-from joblet.store.logindex import Chunk
 
 #: Longest the final write on shutdown (cancellation of :meth:`PersistActor.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0

@@ -39,6 +39,7 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
+from joblet.core.chunks import STDERR, STDOUT, STREAM_NAMES, STREAMS
 from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
 from joblet.protocol import persist_grpc
 from joblet.protocol import persist_pb2 as pb
@@ -52,7 +53,6 @@ from joblet.rpc.server import (
     open_unix_listener,
 )
 from joblet.store.logfiles import job_log_dir
-from joblet.store.logindex import STDERR, STDOUT, STREAM_NAMES, STREAMS
 from joblet.store.loglines import LineQuery, Lines, LogLineReader
 from joblet.store.metrics import MetricRecord, metrics_path, read_metric_records
 

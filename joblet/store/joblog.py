@@ -24,8 +24,8 @@ from typing import Protocol
 
 import trio
 
+from joblet.core.chunks import STREAM_NAMES, Chunk
 from joblet.store.logfiles import LogCorrupted, LogFileReader
-from joblet.store.logindex import STREAM_NAMES, Chunk
 
 #: Largest chunk stored: bigger appends are split, which bounds the size of a gzip member and so
 #: the work of a random read.
@@ -194,8 +194,8 @@ class JobLog:
         offset and timestamp when they are added, after that wait.
 
         Args:
-            stream: :data:`~joblet.store.logindex.STDOUT` or
-                :data:`~joblet.store.logindex.STDERR`.
+            stream: :data:`~joblet.core.chunks.STDOUT` or
+                :data:`~joblet.core.chunks.STDERR`.
             data: The bytes read from the job's pipe.
 
         Raises:

@@ -30,11 +30,9 @@ from pathlib import Path
 
 import attrs
 
+from joblet.core.chunks import STREAM_NAMES, STREAMS, Chunk
 from joblet.store.logindex import (
     RECORD_SIZE,
-    STREAM_NAMES,
-    STREAMS,
-    Chunk,
     IndexRecord,
     RecordError,
     decode_record,

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import attrs
 
+from joblet.core.chunks import STDERR, STDOUT, STREAMS, Chunk
 from joblet.store.logfiles import LogFileReader
-from joblet.store.logindex import STDERR, STDOUT, STREAMS, Chunk, IndexRecord
+from joblet.store.logindex import IndexRecord
 
 #: Merged bytes read from the files per step (decompressed); bounds the memory of a read.
 READ_BYTES = 1 << 20
@@ -65,8 +66,8 @@ class LineQuery:
     """Which lines to read.
 
     Attributes:
-        streams: Stream ids to return (:data:`~joblet.store.logindex.STDOUT`,
-            :data:`~joblet.store.logindex.STDERR`).
+        streams: Stream ids to return (:data:`~joblet.core.chunks.STDOUT`,
+            :data:`~joblet.core.chunks.STDERR`).
         start_ns: Only lines stamped at or after this time (ns since the epoch); None = no bound.
         end_ns: Only lines stamped before this time (exclusive); None = no bound.
         limit: Most lines returned (the first ones); 0 = no limit.
