@@ -19,7 +19,8 @@ import trio.testing
 from joblet.actors.persist import PersistActor
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT, Chunk
-from joblet.store.joblog import MAX_CHUNK, JobLog, LogBudget
+from joblet.core.logwindow import MAX_CHUNK
+from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, LogFileWriter
 
 JOB = "job-1"
