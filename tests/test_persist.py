@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult, _Record
+from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult
 from joblet.config import LogsSection
-from joblet.core.chunks import STDERR, STDOUT, Chunk
+from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.model import JobInfo, JobSpec, JobStatus
+from joblet.core.writequeue import Batch
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
@@ -111,14 +112,9 @@ class CountingPersist(PersistActor):
 
     batches: list[list[str]]
 
-    def _write_sync(
-        self,
-        batch: list[tuple[JobLog, list[Chunk]]],
-        closing: list[str],
-        records: dict[str, _Record],
-    ) -> _BatchResult:
-        self.batches.append([log.job_id for log, _ in batch])
-        return super()._write_sync(batch, closing, records)
+    def _write_sync(self, batch: Batch[JobLog, trio.Event]) -> _BatchResult:
+        self.batches.append([item.job_id for item in batch.logs])
+        return super()._write_sync(batch)
 
 
 async def test_chunks_of_many_jobs_go_to_disk_in_one_thread_hop(

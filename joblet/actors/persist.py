@@ -30,29 +30,19 @@ from joblet import logfmt
 from joblet.config import LogsSection
 from joblet.core.chunks import Chunk
 from joblet.core.model import JobInfo
+from joblet.core.writequeue import Batch, JobChunks, WriteQueue
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, job_log_dir
 
 #: Longest the final write on shutdown (cancellation of :meth:`PersistActor.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0
-#: A batch writes at most this many times ``flush_bytes`` (at least :data:`_MIN_BATCH_CAP`): a
-#: backlog is written in bounded steps, which bounds the compressed data held during a write.
-_BATCH_CAP_FACTOR = 4
-_MIN_BATCH_CAP = 1 << 20
+
+_Batch = Batch[JobLog, trio.Event]
 
 
 class LogWriteError(Exception):
     """Writing a batch of log data failed; the batch is kept and retried."""
-
-
-@attrs.define
-class _Pending:
-    """Chunks of one job waiting to be written."""
-
-    log: JobLog
-    chunks: list[Chunk] = attrs.Factory(list)
-    nbytes: int = 0
 
 
 @attrs.define
@@ -65,19 +55,13 @@ class _BatchResult:
     records_saved: bool = False
 
 
-@attrs.define
-class _Record:
-    """A job's metadata (or its deletion, ``info=None``) waiting to be written."""
-
-    info: JobInfo | None
-    waiters: list[trio.Event] = attrs.Factory(list)
-
-
 class PersistActor:
     """Writes the logs of all jobs to ``<logs_dir>/<job_id>/``.
 
     Run :meth:`run` as a long-lived task; :meth:`submit` and :meth:`close_job` work whether or
-    not it is running (what they queue is written once it runs).
+    not it is running (what they queue is written once it runs). What is written when is the
+    :class:`~joblet.core.writequeue.WriteQueue`'s decision; this actor waits for it, runs the
+    writes in a worker thread and reports back.
 
     Args:
         logs_dir: The directory holding one log directory per job.
@@ -89,18 +73,10 @@ class PersistActor:
         self._logs_dir = logs_dir
         self._db_path = db_path
         self._db: JobDB | None = None
-        # Job records waiting to be written, by job id (the latest info wins).
-        self._records: dict[str, _Record] = {}
-        self._flush_bytes = max(1, cfg.flush_bytes)
-        self._flush_interval = max(0.0, cfg.flush_interval)
-        self._batch_cap = max(_BATCH_CAP_FACTOR * self._flush_bytes, _MIN_BATCH_CAP)
-        # Queued work; dict order is the order batches take jobs in.
-        self._pending: dict[str, _Pending] = {}
-        self._pending_bytes = 0
-        self._to_close: set[str] = set()
-        # trio time the oldest queued work arrived, None when nothing is queued.
-        self._oldest: float | None = None
-        self._inflight: list[tuple[JobLog, list[Chunk]]] = []
+        self._queue: WriteQueue[JobLog, trio.Event] = WriteQueue(
+            cfg.flush_bytes, cfg.flush_interval
+        )
+        self._inflight: list[JobChunks[JobLog]] = []
         # Touched only by the writing thread; one batch is written at a time.
         self._writers: dict[str, LogFileWriter] = {}
         self._limiter = trio.CapacityLimiter(1)
@@ -112,7 +88,7 @@ class PersistActor:
     @property
     def pending_bytes(self) -> int:
         """Bytes submitted and not yet handed to the writing thread."""
-        return self._pending_bytes
+        return self._queue.pending_bytes
 
     def submit(self, log: JobLog, chunk: Chunk) -> None:
         """Queue a chunk for writing. Never blocks.
@@ -120,23 +96,12 @@ class PersistActor:
         Memory is bounded by the budget the log charged for the chunk, which is released once it
         is written. Chunks of one log must be submitted in order.
         """
-        pending = self._pending.get(log.job_id)
-        if pending is None:
-            pending = self._pending[log.job_id] = _Pending(log)
-        pending.chunks.append(chunk)
-        pending.nbytes += len(chunk.data)
-        self._pending_bytes += len(chunk.data)
-        if self._oldest is None:
-            self._oldest = trio.current_time()
-            self._kick.set()
-        elif self._pending_bytes >= self._flush_bytes:
+        if self._queue.submit(log.job_id, log, chunk, trio.current_time()):
             self._kick.set()
 
     def close_job(self, job_id: str) -> None:
         """The job's log has ended: close its files once its last chunk is written."""
-        self._to_close.add(job_id)
-        if self._oldest is None:
-            self._oldest = trio.current_time()
+        self._queue.close_job(job_id, trio.current_time())
         self._kick.set()
 
     async def open_db(self) -> list[JobInfo]:
@@ -172,14 +137,7 @@ class PersistActor:
         if self._db_path is None:
             saved.set()
             return saved
-        record = self._records.get(job_id)
-        if record is None:
-            record = self._records[job_id] = _Record(info)
-        else:
-            record.info = info
-        record.waiters.append(saved)
-        if self._oldest is None:
-            self._oldest = trio.current_time()
+        self._queue.queue_record(job_id, info, saved, trio.current_time())
         self._kick.set()
         return saved
 
@@ -188,17 +146,17 @@ class PersistActor:
 
         Writes at once rather than at the next threshold. Needs :meth:`run` to be running.
         """
-        targets = {p.log.job_id: p.log for p in self._pending.values()}
-        targets.update((log.job_id, log) for log, _ in self._inflight)
+        targets = dict(self._queue.logs())
+        targets.update((item.job_id, item.log) for item in self._inflight)
         ends = [(log, log.size) for log in targets.values()]
-        closes = set(self._to_close)
+        closes = self._queue.closing()
         self._urgent += 1
         self._kick.set()
         try:
             await trio.lowlevel.checkpoint()
             for log, end in ends:
                 await log.wait_persisted(end)
-            while closes & self._to_close:
+            while closes & self._queue.closing():
                 await self._progress.park()
         finally:
             self._urgent -= 1
@@ -232,30 +190,22 @@ class PersistActor:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _ready(self) -> bool:
-        if self._oldest is None:
-            return False
-        return (
-            self._pending_bytes >= self._flush_bytes
-            or self._urgent > 0
-            or bool(self._records)
-            or trio.current_time() >= self._oldest + self._flush_interval
-        )
-
     async def _wait_for_batch(self) -> None:
-        while not self._ready():
+        queue = self._queue
+        while not queue.due(trio.current_time(), urgent=self._urgent > 0):
             self._kick = trio.Event()
-            if self._oldest is None:
+            deadline = queue.deadline
+            if deadline is None:
                 await self._kick.wait()
             else:
-                with trio.move_on_at(self._oldest + self._flush_interval):
+                with trio.move_on_at(deadline):
                     await self._kick.wait()
 
     async def _final_flush(self) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FINAL_FLUSH_TIMEOUT
             try:
-                while self._pending or self._to_close or self._records:
+                while self._queue.has_work():
                     await self._write_batch()
             except LogWriteError as e:
                 logfmt.error("log data could not be written at shutdown", error=str(e.__cause__))
@@ -264,105 +214,44 @@ class PersistActor:
             if self._db is not None:
                 db, self._db = self._db, None
                 await trio.to_thread.run_sync(db.close, limiter=self._limiter)
-        if scope.cancelled_caught or self._pending:
+        if scope.cancelled_caught or self._queue.logs():
             logfmt.error(
                 "log data not written at shutdown",
-                pendingBytes=self._pending_bytes,
+                pendingBytes=self._queue.pending_bytes,
                 timeout=f"{FINAL_FLUSH_TIMEOUT}s",
             )
 
-    def _take_batch(
-        self,
-    ) -> tuple[list[tuple[JobLog, list[Chunk]]], list[str], dict[str, _Record]]:
-        """Dequeue up to the batch cap, round-robin over jobs, and the closes and records due."""
-        batch: list[tuple[JobLog, list[Chunk]]] = []
-        taken = 0
-        for job_id in list(self._pending):
-            if taken >= self._batch_cap:
-                break
-            pending = self._pending.pop(job_id)
-            if taken + pending.nbytes <= self._batch_cap:
-                batch.append((pending.log, pending.chunks))
-                taken += pending.nbytes
-                continue
-            k = 0
-            part = 0
-            while taken + part < self._batch_cap:
-                part += len(pending.chunks[k].data)
-                k += 1
-            batch.append((pending.log, pending.chunks[:k]))
-            taken += part
-            # The rest goes to the back of the queue, so one busy job cannot starve the others.
-            self._pending[job_id] = _Pending(pending.log, pending.chunks[k:], pending.nbytes - part)
-        self._pending_bytes -= taken
-        closing = [j for j in self._to_close if j not in self._pending]
-        # A record waits for the job's chunks queued before it (they are ahead of it on disk).
-        records = {j: r for j, r in self._records.items() if j not in self._pending}
-        for job_id in records:
-            del self._records[job_id]
-        if not self._pending and len(closing) == len(self._to_close) and not self._records:
-            self._oldest = None
-        return batch, closing, records
-
-    def _requeue(self, items: list[tuple[JobLog, list[Chunk]]]) -> None:
-        """Put unwritten chunks back at the front of the queue, ahead of newer ones."""
-        front: dict[str, _Pending] = {}
-        for log, chunks in items:
-            nbytes = sum(len(c.data) for c in chunks)
-            later = self._pending.pop(log.job_id, None)
-            if later is not None:
-                front[log.job_id] = _Pending(log, chunks + later.chunks, nbytes + later.nbytes)
-            else:
-                front[log.job_id] = _Pending(log, chunks, nbytes)
-            self._pending_bytes += nbytes
-        self._pending = {**front, **self._pending}
-        if self._oldest is None:
-            self._oldest = trio.current_time()
-
     async def _write_batch(self) -> None:
-        batch, closing, records = self._take_batch()
-        if not batch and not closing and not records:
+        queue = self._queue
+        batch = queue.take()
+        if batch.empty:
             return
-        self._inflight = batch
+        self._inflight = batch.logs
         try:
-            result = await trio.to_thread.run_sync(
-                self._write_sync, batch, closing, records, limiter=self._limiter
-            )
+            result = await trio.to_thread.run_sync(self._write_sync, batch, limiter=self._limiter)
         except BaseException:
             # Cancelled before the thread started (once started, it is always waited for).
             self._inflight = []
-            self._requeue(batch)
-            self._requeue_records(records)
+            queue.requeue(batch.logs, trio.current_time())
+            queue.requeue_records(batch.records, trio.current_time())
             raise
         self._inflight = []
-        for log, chunks in batch[: result.written]:
-            log.mark_persisted(chunks[-1].end)
-        self._to_close.difference_update(result.closed)
+        for item in batch.logs[: result.written]:
+            item.log.mark_persisted(item.end)
+        queue.closed(result.closed)
         if result.records_saved:
-            for record in records.values():
+            for record in batch.records.values():
                 for event in record.waiters:
                     event.set()
         else:
-            self._requeue_records(records)
+            queue.requeue_records(batch.records, trio.current_time())
         self._progress.unpark_all()
         if result.error is not None:
-            self._requeue(batch[result.written :])
-            if result.written < len(batch):
-                failed = batch[result.written][0].job_id
+            queue.requeue(batch.logs[result.written :], trio.current_time())
+            if result.written < len(batch.logs):
+                failed = batch.logs[result.written].job_id
                 raise LogWriteError(f"writing the log of job {failed} failed") from result.error
             raise LogWriteError("writing the job database failed") from result.error
-
-    def _requeue_records(self, records: dict[str, _Record]) -> None:
-        """Put records that were not written back, unless a newer one for the job is queued."""
-        for job_id, record in records.items():
-            newer = self._records.get(job_id)
-            if newer is None:
-                self._records[job_id] = record
-            else:
-                # The newer info wins; whoever waits on either is told when it is written.
-                newer.waiters.extend(record.waiters)
-        if records and self._oldest is None:
-            self._oldest = trio.current_time()
 
     def _close_writers(self) -> None:
         """Sync and close every open writer (in the worker thread)."""
@@ -373,29 +262,24 @@ class PersistActor:
             except OSError as e:
                 logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
 
-    def _write_sync(
-        self,
-        batch: list[tuple[JobLog, list[Chunk]]],
-        closing: list[str],
-        records: dict[str, _Record],
-    ) -> _BatchResult:
+    def _write_sync(self, batch: _Batch) -> _BatchResult:
         """Write a batch (in the worker thread); stops at the first job that fails.
 
         Log chunks first, then the job records, so a record never gets ahead of its log.
         """
         result = _BatchResult()
-        for log, chunks in batch:
+        for item in batch.logs:
             try:
-                writer = self._writers.get(log.job_id)
+                writer = self._writers.get(item.job_id)
                 if writer is None:
-                    writer = LogFileWriter(job_log_dir(self._logs_dir, log.job_id))
-                    self._writers[log.job_id] = writer
-                writer.append(chunks)
+                    writer = LogFileWriter(job_log_dir(self._logs_dir, item.job_id))
+                    self._writers[item.job_id] = writer
+                writer.append(item.chunks)
             except Exception as e:
                 result.error = e
                 return result
             result.written += 1
-        for job_id in closing:
+        for job_id in batch.closing:
             writer = self._writers.pop(job_id, None)
             if writer is not None:
                 try:
@@ -403,6 +287,7 @@ class PersistActor:
                 except OSError as e:
                     logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
             result.closed.append(job_id)
+        records = batch.records
         if records and self._db is not None:
             try:
                 saves = [r.info for r in records.values() if r.info is not None]
