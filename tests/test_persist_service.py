@@ -33,6 +33,7 @@ from joblet.config import (
     PersistTlsSection,
 )
 from joblet.core.chunks import STDERR, STDOUT, Chunk
+from joblet.core.lines import Lines
 from joblet.core.model import JobStatus
 from joblet.protocol import persist_pb2 as pb
 from joblet.protocol import persist_pb2_grpc as pb_grpc
@@ -45,7 +46,6 @@ from joblet.rpc.persist_service import (
 )
 from joblet.rpc.server import server_ssl_context
 from joblet.store.logfiles import LogFileWriter
-from joblet.store.loglines import Lines
 from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
 from joblet.testing import Harness
 

@@ -41,6 +41,7 @@ from joblet import logfmt
 from joblet.config import Config
 from joblet.core.chunks import STDERR, STDOUT, STREAM_NAMES, STREAMS
 from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
+from joblet.core.lines import LineQuery, Lines
 from joblet.protocol import persist_grpc
 from joblet.protocol import persist_pb2 as pb
 from joblet.rpc.server import (
@@ -53,7 +54,7 @@ from joblet.rpc.server import (
     open_unix_listener,
 )
 from joblet.store.logfiles import job_log_dir
-from joblet.store.loglines import LineQuery, Lines, LogLineReader
+from joblet.store.loglines import LogLineReader
 from joblet.store.metrics import MetricRecord, metrics_path, read_metric_records
 
 #: Metric types ``QueryMetrics`` accepts as a filter: the spec's four and the ones joblet samples.
