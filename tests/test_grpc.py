@@ -486,7 +486,7 @@ def test_large_output_comes_in_messages_of_at_most_64k_and_resumes_at_an_offset(
 @pytest.mark.slow
 def test_client_disconnecting_mid_stream_costs_nothing(admin: Any, daemon: Daemon) -> None:
     res = run(admin, "sh", "-c", "while true; do echo tick; sleep 0.02; done")
-    # The persist actor opens the job's log files with its first write: count after that.
+    # The disk writer opens the job's log files with its first write: count after that.
     index = daemon.state_dir / "logs" / res.id / "index"
     for _ in range(200):
         if index.exists() and index.stat().st_size > 0:

@@ -14,7 +14,7 @@ def test_append_places_chunks_at_merged_offsets_and_keeps_them_until_on_disk() -
     w = LogWindow(window_bytes=0)
     assert w.append(STDOUT, b"abc", TS) == [Chunk(0, STDOUT, b"abc", TS)]
     assert w.append(STDERR, b"de", TS + 1) == [Chunk(3, STDERR, b"de", TS + 1)]
-    assert (w.size, w.persisted, w.memory_bytes, w.memory_start) == (5, 0, 5, 0)
+    assert (w.size, w.written, w.memory_bytes, w.memory_start) == (5, 0, 5, 0)
     # Not on disk: kept, whatever the window size.
     assert w.read(0, 100) == [Chunk(0, STDOUT, b"abc", TS), Chunk(3, STDERR, b"de", TS + 1)]
 
@@ -33,18 +33,18 @@ def test_chunks_on_disk_leave_memory_once_outside_the_window() -> None:
     w = LogWindow(window_bytes=4)
     for i in range(5):
         w.append(STDOUT, b"%d%d" % (i, i), TS + i)  # chunks of 2 bytes at 0, 2, 4, 6, 8
-    assert w.mark_persisted(6) == 6
+    assert w.mark_written(6) == 6
     # On disk up to 6, window is the last 4 bytes (6..10): chunks ending at or before 6 go.
     assert (w.memory_start, w.memory_bytes) == (6, 4)
-    assert w.mark_persisted(10) == 4
+    assert w.mark_written(10) == 4
     assert (w.memory_start, w.memory_bytes) == (6, 4)  # all on disk, but inside the window
-    assert w.mark_persisted(8) == 0  # old news
+    assert w.mark_written(8) == 0  # old news
 
 
 def test_closing_a_log_that_is_all_on_disk_empties_memory() -> None:
     w = LogWindow(window_bytes=1 << 20)
     w.append(STDOUT, b"hello", TS)
-    w.mark_persisted(5)
+    w.mark_written(5)
     assert w.memory_bytes == 5
     assert w.close() is True
     assert (w.memory_bytes, w.memory_start) == (0, 5)
@@ -56,7 +56,7 @@ def test_closing_keeps_what_is_not_on_disk_until_it_is() -> None:
     w.append(STDOUT, b"hello", TS)
     w.close()
     assert w.memory_bytes == 5
-    w.mark_persisted(5)
+    w.mark_written(5)
     assert w.memory_bytes == 0
 
 
@@ -82,7 +82,7 @@ def test_read_before_memory_goes_to_disk_and_says_where_memory_starts() -> None:
     w = LogWindow(window_bytes=2)
     w.append(STDOUT, b"aaaa", TS)
     w.append(STDOUT, b"bb", TS)
-    w.mark_persisted(6)
+    w.mark_written(6)
     assert w.memory_start == 4
     assert w.read(1, 10) == DiskRead(offset=1, max_bytes=10, catch_up=4)
     assert w.read(4, 10) == [Chunk(4, STDOUT, b"bb", TS)]
@@ -90,7 +90,7 @@ def test_read_before_memory_goes_to_disk_and_says_where_memory_starts() -> None:
 
 def test_a_log_on_disk_reads_everything_from_disk() -> None:
     w = LogWindow.on_disk(10)
-    assert (w.size, w.persisted, w.closed, w.memory_bytes) == (10, 10, True, 0)
+    assert (w.size, w.written, w.closed, w.memory_bytes) == (10, 10, True, 0)
     assert w.read(0, 4) == DiskRead(0, 4, 10)
     assert w.read(10, 4) == []
 
@@ -99,7 +99,7 @@ def test_evicted_chunks_leave_the_list_so_their_data_is_freed() -> None:
     w = LogWindow(window_bytes=0)
     for i in range(100):
         w.append(STDOUT, b"x", TS)
-        w.mark_persisted(i + 1)
+        w.mark_written(i + 1)
     assert w.memory_bytes == 0
     assert len(w._chunks) <= 1
 
@@ -109,8 +109,8 @@ def test_bad_calls_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown stream"):
         w.append(3, b"x", TS)
     w.append(STDOUT, b"x", TS)
-    with pytest.raises(ValueError, match="cannot persist up to 2"):
-        w.mark_persisted(2)
+    with pytest.raises(ValueError, match="cannot mark written up to 2"):
+        w.mark_written(2)
     with pytest.raises(ValueError, match="bad read"):
         w.read(-1, 1)
     with pytest.raises(ValueError, match="bad read"):

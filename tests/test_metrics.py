@@ -19,13 +19,13 @@ import pytest
 import trio
 
 from cli import chart, output
-from joblet.actors.metrics import FOLLOWER_BUFFER, MetricsHub
+from joblet.actors.sampler import FOLLOWER_BUFFER, MetricsHub
 from joblet.config import MetricsSection
 from joblet.core.errors import JobNotFound
 from joblet.core.model import JobStatus
 from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
 from joblet.rpc import convert
-from joblet.store.metrics import (
+from joblet.store.metricfiles import (
     MetricRecord,
     MetricsCorrupted,
     MetricsWriter,

@@ -19,7 +19,7 @@ from joblet.actors.retention import DAY, RetentionActor, Sweep
 from joblet.config import RetentionSection
 from joblet.core.chunks import STDOUT, Chunk
 from joblet.store.logfiles import LogFileWriter
-from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
+from joblet.store.metricfiles import MetricRecord, MetricsWriter, metrics_path
 
 T0 = 1_700_000_000.0  # wall-clock time when the mock clock reads 0
 

@@ -33,7 +33,7 @@ from joblet.core.model import JobInfo, JobSpec
 from joblet.metrics import MetricsSample
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
-from joblet.store.metrics import delete_job_metrics
+from joblet.store.metricfiles import delete_job_metrics
 
 
 class EndedJob:
@@ -255,7 +255,7 @@ class Engine:
 
     async def _drop_record(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
-        await self._ctx.persist.forget_job(job_id)
+        await self._ctx.disk_writer.forget_job(job_id)
 
     def _delete_files(self, job_id: str) -> None:
         delete_job_logs(self._ctx.logs_dir, job_id)

@@ -33,7 +33,7 @@ import trio
 from joblet import logfmt
 from joblet.config import RetentionSection
 from joblet.store.logfiles import delete_job_logs
-from joblet.store.metrics import delete_job_metrics
+from joblet.store.metricfiles import delete_job_metrics
 
 #: Seconds in a retention day.
 DAY = 86400.0

@@ -1,7 +1,7 @@
 """The root of the supervisor tree: one joblet node and the system actors it owns.
 
 :func:`open_node` is what both ``joblet serve`` and the in-process harness run. It detects the
-cgroup driver and prepares the parent group, starts the persist actor and the pool of waiting
+cgroup driver and prepares the parent group, starts the disk writer and the pool of waiting
 stage-1 processes (:mod:`joblet.actors.prestart`) under supervisors, recovers from an earlier run
 that did not end cleanly (see :func:`recover`), runs the engine, and removes the files of jobs that
 ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops every job gracefully,
@@ -22,12 +22,12 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.diskwriter import DiskWriter
 from joblet.actors.engine import Engine
 from joblet.actors.job import JobContext
-from joblet.actors.metrics import MetricsHub
-from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
+from joblet.actors.sampler import MetricsHub
 from joblet.actors.supervisor import supervise
 from joblet.config import Config
 from joblet.core.model import JobInfo, JobStatus
@@ -88,12 +88,12 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     (state / "metrics").mkdir(parents=True, exist_ok=True)
     driver = detect_driver(config.cgroup)
     driver.setup()
-    persist = PersistActor(state / "logs", config.logs, db_path=state / "jobs.db")
-    past = await persist.open_db()
+    disk_writer = DiskWriter(state / "logs", config.logs, db_path=state / "jobs.db")
+    past = await disk_writer.open_db()
     ctx = JobContext(
         config=config,
         driver=driver,
-        persist=persist,
+        disk_writer=disk_writer,
         budget=LogBudget(config.logs.memory_budget),
         jobs_dir=state / "jobs",
         logs_dir=state / "logs",
@@ -112,7 +112,7 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         knownJobs=len(past),
     )
     async with trio.open_nursery() as system:
-        await system.start(supervise, "persist", persist.run)
+        await system.start(supervise, "disk-writer", disk_writer.run)
         # Before the engine and stopped after it: every job start goes through it.
         await system.start(supervise, "stage1-pool", ctx.launcher.run)
         past = await recover(ctx, past)
@@ -135,7 +135,7 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
                 jobs.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(config.joblet.cleanup_timeout * 2):
-                await persist.flush()
+                await disk_writer.flush()
         system.cancel_scope.cancel()
     try:
         driver.teardown()
@@ -150,7 +150,7 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     Jobs the database still shows as not ended are marked FAILED with :data:`RESTART_REASON`
     (exit code -1); every process left in a job group under the cgroup parent is killed and the
     groups are removed (also groups of jobs the database never heard of); leftover job
-    directories are deleted. Needs the persist actor running (the records are saved).
+    directories are deleted. Needs the disk writer running (the records are saved).
     """
     now = time.time()
     fixed: list[JobInfo] = []
@@ -173,7 +173,7 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     )
     await trio.to_thread.run_sync(_remove_children, ctx.jobs_dir)
     # Submitted together, they are written in one batch.
-    for saved in [ctx.persist.submit_job(info) for info in fixed]:
+    for saved in [ctx.disk_writer.submit_job(info) for info in fixed]:
         await saved.wait()
     return jobs
 

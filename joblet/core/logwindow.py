@@ -5,7 +5,7 @@ waiting and its I/O. It holds the chunks of the end of a job's merged log and de
 
 - how new output becomes chunks (:meth:`LogWindow.append`: merged offsets, pieces of at most
   :data:`MAX_CHUNK`);
-- which chunks may leave memory (they are on disk, see :meth:`LogWindow.mark_persisted`, and
+- which chunks may leave memory (they are on disk, see :meth:`LogWindow.mark_written`, and
   outside the last ``window_bytes`` of the log, or the log is closed and all on disk);
 - where a read at an offset is served from (:meth:`LogWindow.read`): chunks from memory, a
   :class:`DiskRead` for older offsets, end of log, or nothing yet (the caller waits).
@@ -62,14 +62,14 @@ class LogWindow:
         self._mem_start = 0
         self._mem_bytes = 0
         self._size = 0
-        self._persisted = 0
+        self._written = 0
         self._closed = False
 
     @classmethod
     def on_disk(cls, size: int) -> LogWindow:
         """The window of a closed log that is entirely on disk (``size`` bytes), none in memory."""
         window = cls(0)
-        window._size = window._persisted = window._mem_start = size
+        window._size = window._written = window._mem_start = size
         window._closed = True
         return window
 
@@ -84,9 +84,9 @@ class LogWindow:
         return self._closed
 
     @property
-    def persisted(self) -> int:
+    def written(self) -> int:
         """Bytes of the merged log known to be on disk."""
-        return self._persisted
+        return self._written
 
     @property
     def memory_bytes(self) -> int:
@@ -133,21 +133,21 @@ class LogWindow:
         self._evict()
         return True
 
-    def mark_persisted(self, upto: int) -> int:
+    def mark_written(self, upto: int) -> int:
         """Record that the log is on disk up to merged offset ``upto``.
 
         Returns:
-            How many bytes became persisted by this call (0 if ``upto`` is not news).
+            How many bytes this call found newly on disk (0 if ``upto`` is not news).
 
         Raises:
             ValueError: ``upto`` is beyond the end of the log.
         """
-        if upto <= self._persisted:
+        if upto <= self._written:
             return 0
         if upto > self._size:
-            raise ValueError(f"cannot persist up to {upto}: the log has {self._size}")
-        released = upto - self._persisted
-        self._persisted = upto
+            raise ValueError(f"cannot mark written up to {upto}: the log has {self._size}")
+        released = upto - self._written
+        self._written = upto
         self._evict()
         return released
 
@@ -187,10 +187,10 @@ class LogWindow:
 
     def _evict(self) -> None:
         """Drop chunks that are on disk and outside the window (all on-disk ones once closed)."""
-        if self._closed and self._persisted == self._size:
+        if self._closed and self._written == self._size:
             limit = self._size
         else:
-            limit = min(self._persisted, self._size - self._window)
+            limit = min(self._written, self._size - self._window)
         chunks = self._chunks
         i = self._head
         while i < len(chunks) and chunks[i].end <= limit:

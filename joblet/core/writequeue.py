@@ -1,6 +1,6 @@
 """The disk writer's queue: what waits to be written, and when and how it becomes a batch.
 
-A :class:`WriteQueue` is the bookkeeping of :class:`~joblet.actors.persist.PersistActor` without
+A :class:`WriteQueue` is the bookkeeping of :class:`~joblet.actors.diskwriter.DiskWriter` without
 its waiting and its threads. It holds, per job, the log chunks waiting to be written, whether the
 job's log files are to be closed, and the job's record (its metadata for the job database, or its
 deletion). It decides:

@@ -219,7 +219,7 @@ class JobService:
         """GetJobMetrics: every sample so far, then live samples until the job ends.
 
         One message per sample. A slow client never holds up the job's sampler: it catches up
-        from the stored samples (:mod:`joblet.actors.metrics`). If the client goes away the call
+        from the stored samples (:mod:`joblet.actors.sampler`). If the client goes away the call
         is cancelled, which closes the engine's follower.
         """
         job = self._engine.get(_job_ref(req.id))  # unknown or ambiguous: fail before streaming

@@ -1,11 +1,11 @@
 """A job's log while the daemon runs: an append-only merged byte stream with live readers.
 
 :class:`JobLog` holds the recent part of a job's output in memory and hands every chunk to a
-persistence sink (the :class:`~joblet.actors.persist.PersistActor`), which writes batches to disk
-and reports back with :meth:`JobLog.mark_persisted`. Readers address the log by byte offset:
+sink (the :class:`~joblet.actors.diskwriter.DiskWriter`), which writes batches to disk and
+reports back with :meth:`JobLog.mark_written`. Readers address the log by byte offset:
 
 - :meth:`JobLog.read` returns what exists at an offset, or waits for it. Offsets inside the
-  in-memory window are served from memory; older offsets from the persisted files (in a worker
+  in-memory window are served from memory; older offsets from the log files (in a worker
   thread). A reader therefore never holds memory of its own and is never dropped, however far
   behind it is, and the job never waits for a reader.
 - Memory is bounded in two ways: data not yet on disk is charged to a :class:`LogBudget` shared by
@@ -80,9 +80,9 @@ class LogBudget:
 
 
 class LogSink(Protocol):
-    """Where a :class:`JobLog` sends each new chunk to be persisted.
+    """Where a :class:`JobLog` sends each new chunk to be written to disk.
 
-    The sink must eventually call :meth:`JobLog.mark_persisted` for every chunk it was given, in
+    The sink must eventually call :meth:`JobLog.mark_written` for every chunk it was given, in
     order; until then the chunk's bytes stay charged to the budget.
     """
 
@@ -97,7 +97,7 @@ class _NoSink:
 
 
 class JobLog:
-    """One job's merged stdout/stderr log: append, persist, and read from any offset.
+    """One job's merged stdout/stderr log: append, write to disk, and read from any offset.
 
     The decisions (chunking, what stays in memory, where a read is served from) are the
     :class:`~joblet.core.logwindow.LogWindow`'s; this class adds the waiting, the memory budget
@@ -105,11 +105,11 @@ class JobLog:
 
     Args:
         job_id: The job's id (names its log directory).
-        persist: Receives every chunk for writing (the persist actor).
+        sink: Receives every chunk for writing (the disk writer).
         budget: Memory budget charged for chunks until they are on disk.
         window_bytes: How much of the end of the log stays in memory after it is on disk, for
             live readers.
-        reader: Makes the :class:`LogFileReader` for this job's persisted log (called once, when a
+        reader: Makes the :class:`LogFileReader` for this job's log files (called once, when a
             reader first needs data that has left memory).
     """
 
@@ -117,19 +117,19 @@ class JobLog:
         self,
         job_id: str,
         *,
-        persist: LogSink,
+        sink: LogSink,
         budget: LogBudget,
         window_bytes: int,
         reader: Callable[[], LogFileReader],
     ) -> None:
         self.job_id = job_id
-        self._persist = persist
+        self._sink = sink
         self._budget = budget
         self._window = LogWindow(window_bytes)
         self._reader_factory = reader
         self._reader: LogFileReader | None = None
         self._data_lot = trio.lowlevel.ParkingLot()
-        self._persisted_lot = trio.lowlevel.ParkingLot()
+        self._written_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def from_disk(cls, job_id: str, reader: Callable[[], LogFileReader]) -> JobLog:
@@ -140,13 +140,11 @@ class JobLog:
 
         Args:
             job_id: The job's id.
-            reader: Makes the reader of the job's persisted log.
+            reader: Makes the reader of the job's log files.
         """
         files = reader()
         size = await trio.to_thread.run_sync(files.verify_tail)
-        log = cls(
-            job_id, persist=_NoSink(), budget=LogBudget(0), window_bytes=0, reader=lambda: files
-        )
+        log = cls(job_id, sink=_NoSink(), budget=LogBudget(0), window_bytes=0, reader=lambda: files)
         log._window = LogWindow.on_disk(size)
         return log
 
@@ -161,9 +159,9 @@ class JobLog:
         return self._window.closed
 
     @property
-    def persisted(self) -> int:
+    def written(self) -> int:
         """Bytes of the merged log known to be on disk."""
-        return self._window.persisted
+        return self._window.written
 
     @property
     def memory_bytes(self) -> int:
@@ -205,7 +203,7 @@ class JobLog:
             self._budget.release(n)
             raise trio.ClosedResourceError(f"log of job {self.job_id} is closed")
         for chunk in self._window.append(stream, data, time.time_ns()):
-            self._persist.submit(self, chunk)
+            self._sink.submit(self, chunk)
         self._data_lot.unpark_all()
 
     def close(self) -> None:
@@ -213,23 +211,23 @@ class JobLog:
         if self._window.close():
             self._data_lot.unpark_all()
 
-    def mark_persisted(self, upto: int) -> None:
+    def mark_written(self, upto: int) -> None:
         """Record that the log is on disk up to merged offset ``upto`` (called by the sink).
 
         Releases the budget those bytes held and lets them leave memory once they are also
         outside the window.
         """
         if upto > self._window.size:
-            raise ValueError(f"cannot persist up to {upto}: log {self.job_id} has {self.size}")
-        if released := self._window.mark_persisted(upto):
+            raise ValueError(f"cannot mark written up to {upto}: log {self.job_id} has {self.size}")
+        if released := self._window.mark_written(upto):
             self._budget.release(released)
-            self._persisted_lot.unpark_all()
+            self._written_lot.unpark_all()
 
-    async def wait_persisted(self, offset: int) -> None:
+    async def wait_written(self, offset: int) -> None:
         """Wait until the log is on disk up to ``offset`` (at most :attr:`size`)."""
         await trio.lowlevel.checkpoint()
-        while self._window.persisted < offset:
-            await self._persisted_lot.park()
+        while self._window.written < offset:
+            await self._written_lot.park()
 
     async def read(self, offset: int, max_bytes: int = DEFAULT_READ_BYTES) -> list[Chunk]:
         """The log from ``offset``: at least one chunk, up to ``max_bytes`` in all.
@@ -243,7 +241,7 @@ class JobLog:
 
         Raises:
             ValueError: ``offset`` is negative or ``max_bytes`` is not positive.
-            LogCorrupted: The persisted part of the log is missing or damaged.
+            LogCorrupted: The part of the log on disk is missing or damaged.
         """
         await trio.lowlevel.checkpoint()
         while True:
@@ -286,7 +284,7 @@ class JobLog:
         chunks = await trio.to_thread.run_sync(read)
         if not chunks:
             raise LogCorrupted(
-                f"persisted log of job {self.job_id} ends before offset {plan.offset} "
-                f"(persisted: {self._window.persisted})"
+                f"log files of job {self.job_id} end before offset {plan.offset} "
+                f"(written: {self._window.written})"
             )
         return chunks

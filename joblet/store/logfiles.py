@@ -83,7 +83,7 @@ def delete_job_logs(logs_dir: Path, job_id: str) -> None:
     """Remove a job's persisted log; nothing happens if it has none.
 
     The caller makes sure no writer is open for the job (see
-    :meth:`joblet.actors.persist.PersistActor.close_job`).
+    :meth:`joblet.actors.diskwriter.DiskWriter.close_job`).
 
     Raises:
         ValueError: ``job_id`` is not a plain file name.

@@ -1,4 +1,4 @@
-"""The persist actor: batching thresholds, layout, one thread hop per batch, shutdown, failures.
+"""The disk writer: batching thresholds, layout, one thread hop per batch, shutdown, failures.
 
 Real files in ``tmp_path``; time is a ``MockClock`` where a threshold is under test.
 """
@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from joblet.actors.persist import LogWriteError, PersistActor, _BatchResult
+from joblet.actors.diskwriter import DiskWriter, LogWriteError, _BatchResult
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.model import JobInfo, JobSpec, JobStatus
@@ -22,10 +22,10 @@ from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
 
 
-def make_log(logs_dir: Path, persist: PersistActor, job_id: str = "job-1") -> JobLog:
+def make_log(logs_dir: Path, writer: DiskWriter, job_id: str = "job-1") -> JobLog:
     return JobLog(
         job_id,
-        persist=persist,
+        sink=writer,
         budget=LogBudget(64 << 20),
         window_bytes=1 << 20,
         reader=lambda: LogFileReader(logs_dir / job_id),
@@ -45,46 +45,46 @@ def open_fds_under(path: Path) -> list[str]:
 
 
 async def test_a_batch_is_written_when_flush_bytes_gather(tmp_path: Path) -> None:
-    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1000, flush_interval=3600))
-    log = make_log(tmp_path, persist)
+    writer = DiskWriter(tmp_path, LogsSection(flush_bytes=1000, flush_interval=3600))
+    log = make_log(tmp_path, writer)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)
+            await nursery.start(writer.run)
             await log.append(STDOUT, b"x" * 999)
             await trio.testing.wait_all_tasks_blocked()
-            assert (persist.pending_bytes, log.persisted) == (999, 0)  # below the threshold
+            assert (writer.pending_bytes, log.written) == (999, 0)  # below the threshold
             await log.append(STDERR, b"y")
-            await log.wait_persisted(1000)
+            await log.wait_written(1000)
             nursery.cancel_scope.cancel()
 
 
 async def test_a_batch_is_written_when_the_oldest_byte_has_waited_flush_interval(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
-    log = make_log(tmp_path, persist)
+    writer = DiskWriter(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
+    log = make_log(tmp_path, writer)
     async with trio.open_nursery() as nursery:
-        await nursery.start(persist.run)
+        await nursery.start(writer.run)
         await log.append(STDOUT, b"first\n")
         mock_clock.jump(4.0)
         await log.append(STDOUT, b"second\n")  # does not restart the wait
         await trio.testing.wait_all_tasks_blocked()
-        assert (persist.pending_bytes, log.persisted) == (13, 0)
+        assert (writer.pending_bytes, log.written) == (13, 0)
         mock_clock.jump(1.0)
         mock_clock.rate = 1.0  # let real time run, so the ceiling below works
         with trio.fail_after(10):
-            await log.wait_persisted(13)
-        assert persist.pending_bytes == 0
+            await log.wait_written(13)
+        assert writer.pending_bytes == 0
         nursery.cancel_scope.cancel()
 
 
 async def test_files_are_gzip_per_stream_per_job(tmp_path: Path) -> None:
-    persist = PersistActor(tmp_path, LogsSection())
-    logs = [make_log(tmp_path, persist, f"job-{i}") for i in range(3)]
+    writer = DiskWriter(tmp_path, LogsSection())
+    logs = [make_log(tmp_path, writer, f"job-{i}") for i in range(3)]
     expected: dict[tuple[str, int], bytes] = {}
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)
+            await nursery.start(writer.run)
             for k in range(50):
                 for i, log in enumerate(logs):
                     stream = STDERR if (k + i) % 3 == 0 else STDOUT
@@ -94,8 +94,8 @@ async def test_files_are_gzip_per_stream_per_job(tmp_path: Path) -> None:
                     expected[key] = expected.get(key, b"") + data
             for log in logs:
                 log.close()
-                persist.close_job(log.job_id)
-            await persist.flush()
+                writer.close_job(log.job_id)
+            await writer.flush()
             nursery.cancel_scope.cancel()
         for (job_id, stream), data in expected.items():
             path = stream_path(tmp_path / job_id, stream)
@@ -107,7 +107,7 @@ async def test_files_are_gzip_per_stream_per_job(tmp_path: Path) -> None:
     assert open_fds_under(tmp_path) == []  # close_job closed every writer
 
 
-class CountingPersist(PersistActor):
+class CountingWriter(DiskWriter):
     """Records which jobs each worker-thread call wrote."""
 
     batches: list[list[str]]
@@ -120,59 +120,59 @@ class CountingPersist(PersistActor):
 async def test_chunks_of_many_jobs_go_to_disk_in_one_thread_hop(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    persist = CountingPersist(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
-    persist.batches = []
-    logs = [make_log(tmp_path, persist, f"job-{i}") for i in range(5)]
+    writer = CountingWriter(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=5.0))
+    writer.batches = []
+    logs = [make_log(tmp_path, writer, f"job-{i}") for i in range(5)]
     async with trio.open_nursery() as nursery:
-        await nursery.start(persist.run)
+        await nursery.start(writer.run)
         for _ in range(20):
             for log in logs:
                 await log.append(STDOUT, b"some output\n" * 10)
         await trio.testing.wait_all_tasks_blocked()
-        assert persist.batches == []
+        assert writer.batches == []
         mock_clock.rate = 1.0
         with trio.fail_after(10):
-            await persist.flush()
-        assert persist.batches == [[log.job_id for log in logs]]
-        assert all(log.persisted == log.size for log in logs)
+            await writer.flush()
+        assert writer.batches == [[log.job_id for log in logs]]
+        assert all(log.written == log.size for log in logs)
         nursery.cancel_scope.cancel()
 
 
 async def test_cancellation_writes_what_is_queued_and_closes_the_files(tmp_path: Path) -> None:
-    persist = PersistActor(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=3600))
-    log = make_log(tmp_path, persist)
+    writer = DiskWriter(tmp_path, LogsSection(flush_bytes=1 << 30, flush_interval=3600))
+    log = make_log(tmp_path, writer)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)
+            await nursery.start(writer.run)
             await log.append(STDOUT, b"written at shutdown\n")
             await trio.testing.wait_all_tasks_blocked()
-            assert log.persisted == 0
+            assert log.written == 0
             nursery.cancel_scope.cancel()  # no flush(): the actor writes on its way out
-    assert log.persisted == log.size
+    assert log.written == log.size
     assert LogFileReader(tmp_path / "job-1").size() == log.size
     assert open_fds_under(tmp_path) == []
 
 
 async def test_a_failed_write_keeps_the_batch_and_a_restart_writes_it(tmp_path: Path) -> None:
-    persist = PersistActor(tmp_path, LogsSection(flush_interval=0.01))
-    log = make_log(tmp_path, persist)
+    writer = DiskWriter(tmp_path, LogsSection(flush_interval=0.01))
+    log = make_log(tmp_path, writer)
     blocker = tmp_path / "job-1"
     blocker.write_bytes(b"")  # a file where the job's log directory must go
     with trio.fail_after(10):
         with pytest.RaisesGroup(pytest.RaisesExc(LogWriteError, match="job-1")):
             async with trio.open_nursery() as nursery:
-                await nursery.start(persist.run)
+                await nursery.start(writer.run)
                 await log.append(STDOUT, b"must not be lost\n")
                 await log.append(STDERR, b"nor this\n")
-                await log.wait_persisted(log.size)  # never: the actor fails first
-        assert (log.persisted, persist.pending_bytes) == (0, log.size)
+                await log.wait_written(log.size)  # never: the actor fails first
+        assert (log.written, writer.pending_bytes) == (0, log.size)
         blocker.unlink()
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)  # as the supervisor would
+            await nursery.start(writer.run)  # as the supervisor would
             await log.append(STDOUT, b"after the restart\n")
-            await persist.flush()
+            await writer.flush()
             nursery.cancel_scope.cancel()
-    assert log.persisted == log.size
+    assert log.written == log.size
     chunks = LogFileReader(tmp_path / "job-1").read(0, 1 << 20)
     assert b"".join(c.data for c in chunks) == b"must not be lost\nnor this\nafter the restart\n"
     assert [c.stream for c in chunks] == [STDOUT, STDERR, STDOUT]
@@ -183,12 +183,12 @@ async def test_a_failed_write_keeps_the_batch_and_a_restart_writes_it(tmp_path: 
 
 
 async def test_run_twice_at_once_is_refused(tmp_path: Path) -> None:
-    persist = PersistActor(tmp_path, LogsSection())
+    writer = DiskWriter(tmp_path, LogsSection())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)
+            await nursery.start(writer.run)
             with pytest.raises(RuntimeError, match="already running"):
-                await persist.run()
+                await writer.run()
             nursery.cancel_scope.cancel()
 
 
@@ -198,20 +198,20 @@ async def test_a_job_record_is_written_at_once_and_never_ahead_of_its_log(
     db_path = tmp_path / "jobs.db"
     # Thresholds that would hold the chunks for an hour: the record must not wait for them,
     # and must not be written before them.
-    persist = PersistActor(
+    writer = DiskWriter(
         tmp_path / "logs", LogsSection(flush_bytes=1 << 30, flush_interval=3600), db_path=db_path
     )
-    assert await persist.open_db() == []
-    log = make_log(tmp_path / "logs", persist, "job-rec")
+    assert await writer.open_db() == []
+    log = make_log(tmp_path / "logs", writer, "job-rec")
     info = JobInfo(id="job-rec", spec=JobSpec(command="true"), status=JobStatus.COMPLETED)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persist.run)
+            await nursery.start(writer.run)
             await log.append(STDOUT, b"before the record\n" * 1000)
-            await persist.save_job(info)
-            assert log.persisted == log.size
+            await writer.save_job(info)
+            assert log.written == log.size
             assert _stored(db_path) == [info]
-            await persist.forget_job("job-rec")
+            await writer.forget_job("job-rec")
             assert _stored(db_path) == []
             nursery.cancel_scope.cancel()
 

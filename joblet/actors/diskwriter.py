@@ -1,18 +1,18 @@
-"""The persist actor: writes every job's log to disk in batches, off the event loop.
+"""The disk writer: writes every job's log to disk in batches, off the event loop.
 
-Each :class:`~joblet.store.joblog.JobLog` hands its chunks to :meth:`PersistActor.submit` as they
+Each :class:`~joblet.store.joblog.JobLog` hands its chunks to :meth:`DiskWriter.submit` as they
 arrive. The actor gathers chunks from all jobs and writes them as one batch in a worker thread
 (one thread hop per batch) when ``LogsSection.flush_bytes`` have gathered or the oldest has waited
 ``LogsSection.flush_interval``. After a batch is written it tells each log how far it is on disk
-(:meth:`JobLog.mark_persisted`), which frees the memory budget those bytes held.
+(:meth:`JobLog.mark_written`), which frees the memory budget those bytes held.
 
 The actor owns the open :class:`~joblet.store.logfiles.LogFileWriter` of every job with output
 that is not yet closed, and closes each once the job's last chunk is written
-(:meth:`PersistActor.close_job`). What it holds survives a failure of :meth:`PersistActor.run`:
+(:meth:`DiskWriter.close_job`). What it holds survives a failure of :meth:`DiskWriter.run`:
 a batch that could not be written is kept and retried when the actor is restarted (see
 :func:`joblet.actors.supervisor.supervise`), so log data is never dropped.
 
-It also owns the job database (:class:`~joblet.store.jobdb.JobDB`): :meth:`PersistActor.save_job`
+It also owns the job database (:class:`~joblet.store.jobdb.JobDB`): :meth:`DiskWriter.save_job`
 queues a job's metadata, written with the next batch (at once: a saved job does not wait for the
 flush interval). A job's record is written only after every log chunk submitted before it, so a
 record that says a job ended always comes with its complete log on disk.
@@ -35,7 +35,7 @@ from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, job_log_dir
 
-#: Longest the final write on shutdown (cancellation of :meth:`PersistActor.run`) may take.
+#: Longest the final write on shutdown (cancellation of :meth:`DiskWriter.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0
 
 _Batch = Batch[JobLog, trio.Event]
@@ -55,7 +55,7 @@ class _BatchResult:
     records_saved: bool = False
 
 
-class PersistActor:
+class DiskWriter:
     """Writes the logs of all jobs to ``<logs_dir>/<job_id>/``.
 
     Run :meth:`run` as a long-lived task; :meth:`submit` and :meth:`close_job` work whether or
@@ -155,7 +155,7 @@ class PersistActor:
         try:
             await trio.lowlevel.checkpoint()
             for log, end in ends:
-                await log.wait_persisted(end)
+                await log.wait_written(end)
             while closes & self._queue.closing():
                 await self._progress.park()
         finally:
@@ -171,7 +171,7 @@ class PersistActor:
             RuntimeError: The actor is already running.
         """
         if self._running:
-            raise RuntimeError("the persist actor is already running")
+            raise RuntimeError("the disk writer is already running")
         self._running = True
         try:
             await trio.to_thread.run_sync(
@@ -237,7 +237,7 @@ class PersistActor:
             raise
         self._inflight = []
         for item in batch.logs[: result.written]:
-            item.log.mark_persisted(item.end)
+            item.log.mark_written(item.end)
         queue.closed(result.closed)
         if result.records_saved:
             for record in batch.records.values():

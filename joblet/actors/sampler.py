@@ -5,9 +5,10 @@ A :class:`JobSampler` belongs to one :class:`~joblet.actors.job.JobActor`. Its
 the job runs, then one
 every ``metrics.interval``, and a last one when the job has ended (its processes are gone but its
 cgroup, with the final totals, is still there). Each sample is read in a worker thread (cgroup and
-``/proc`` files), handed to the live followers, and written to ``<state>/metrics/<job_id>/
-metrics.jsonl.gz`` (:mod:`joblet.store.metrics`) in a worker thread, one gzip member per flush: at
-most every :data:`FLUSH_INTERVAL` seconds, and at the job's end.
+``/proc`` files), handed to the live followers, and written to
+``<state>/metrics/<job_id>/metrics.jsonl.gz`` (:mod:`joblet.store.metricfiles`) in a worker
+thread, one gzip member per flush: at most every :data:`FLUSH_INTERVAL` seconds, and at the job's
+end.
 
 The :class:`MetricsHub` knows the samplers of running jobs; :meth:`MetricsHub.follow` gives every
 sample of a job: for a running job what is stored, then live samples until the job ends; for any
@@ -35,7 +36,7 @@ import trio
 from joblet import logfmt
 from joblet.config import MetricsSection
 from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
-from joblet.store.metrics import MetricsWriter, metrics_path, read_metric_records
+from joblet.store.metricfiles import MetricsWriter, metrics_path, read_metric_records
 from joblet.sys import procfs
 from joblet.sys.cgroups import CgroupDriver
 
