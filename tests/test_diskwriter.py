@@ -6,13 +6,15 @@ Real files in ``tmp_path``; time is a ``MockClock`` where a threshold is under t
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from joblet.actors.diskwriter import DiskWriter, LogWriteError, _BatchResult
+from joblet.actors.diskwriter import DeleteError, DiskWriter, LogWriteError, _BatchResult
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.model import JobInfo, JobSpec, JobStatus
@@ -20,6 +22,7 @@ from joblet.core.writequeue import Batch
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
+from joblet.store.metricfiles import MetricRecord, metrics_path
 
 
 def make_log(logs_dir: Path, writer: DiskWriter, job_id: str = "job-1") -> JobLog:
@@ -112,7 +115,7 @@ class CountingWriter(DiskWriter):
 
     batches: list[list[str]]
 
-    def _write_sync(self, batch: Batch[JobLog, trio.Event]) -> _BatchResult:
+    def _write_sync(self, batch: Batch[JobLog, Any]) -> _BatchResult:
         self.batches.append([item.job_id for item in batch.logs])
         return super()._write_sync(batch)
 
@@ -222,3 +225,139 @@ def _stored(db_path: Path) -> list[JobInfo]:
         return db.load()
     finally:
         db.close()
+
+
+# --- deletion: the disk writer deletes what it wrote, after the job's pending writes -------------
+
+
+def _writer_with_everything(tmp_path: Path, cls: type[DiskWriter] = DiskWriter) -> DiskWriter:
+    # Batches of at most 1 MiB (the smallest cap), written only when something asks for it.
+    return cls(
+        tmp_path / "logs",
+        LogsSection(flush_bytes=64 << 10, flush_interval=3600),
+        db_path=tmp_path / "jobs.db",
+        metrics_dir=tmp_path / "metrics",
+    )
+
+
+METRICS = [MetricRecord(1, "cpu", {"cpu_percent": 1.0})]
+
+
+async def test_deleting_a_job_while_its_writes_are_pending_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    writer = _writer_with_everything(tmp_path)
+    await writer.open_db()
+    job = "job-del"
+    log = make_log(tmp_path / "logs", writer, job)
+    info = JobInfo(id=job, spec=JobSpec(command="true"), status=JobStatus.COMPLETED)
+    with trio.fail_after(10):
+        await writer.write_metrics(job, METRICS)  # a sampler's write, before the end
+        await writer.close_metrics(job)
+        assert metrics_path(tmp_path / "metrics", job).exists()
+        # Output (several batches' worth), its close and the final record are all queued;
+        # nothing is written yet.
+        await log.append(STDOUT, b"last words\n" * (300 << 10))
+        log.close()
+        writer.close_job(job)
+        saved = writer.submit_job(info)
+        async with trio.open_nursery() as nursery:
+
+            async def delete_then_stop() -> None:
+                await writer.delete_job(job)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(delete_then_stop)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not (tmp_path / "logs" / job).exists()  # the writer is not running yet
+            await nursery.start(writer.run)
+        assert saved.is_set()
+        # delete_job returned: the pending writes were done first, then everything went.
+        assert log.written == log.size  # the memory budget those bytes held is free
+        assert not (tmp_path / "logs" / job).exists()
+        assert not (tmp_path / "metrics" / job).exists()
+        assert _stored(tmp_path / "jobs.db") == []
+        assert open_fds_under(tmp_path / "logs") == []
+
+
+class GatedWriter(DiskWriter):
+    """Holds the worker thread after writing its first batch until the test opens the gate."""
+
+    gate: threading.Event
+    in_batch: threading.Event
+
+    def _write_sync(self, batch: Batch[JobLog, Any]) -> _BatchResult:
+        result = super()._write_sync(batch)
+        if not self.in_batch.is_set():
+            self.in_batch.set()
+            self.gate.wait(10)
+        return result
+
+
+async def test_a_delete_racing_the_last_flush_leaves_no_file(tmp_path: Path) -> None:
+    writer = _writer_with_everything(tmp_path, GatedWriter)
+    assert isinstance(writer, GatedWriter)
+    writer.gate, writer.in_batch = threading.Event(), threading.Event()
+    await writer.open_db()
+    job = "job-race"
+    log = make_log(tmp_path / "logs", writer, job)
+    other = make_log(tmp_path / "logs", writer, "job-other")
+    info = JobInfo(id=job, spec=JobSpec(command="true"), status=JobStatus.COMPLETED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await writer.write_metrics(job, METRICS)
+            await other.append(STDOUT, b"another job\n" * 100)
+            nursery.start_soon(writer.flush)
+            await trio.to_thread.run_sync(writer.in_batch.wait)
+            # A batch is in the worker thread; the job's last output, close and record queue up
+            # behind it, and the deletion comes while that last flush is still to be written.
+            await log.append(STDERR, b"the end\n" * 100)
+            log.close()
+            writer.close_job(job)
+            writer.submit_job(info)
+            deleted = trio.Event()
+
+            async def delete() -> None:
+                await writer.delete_job(job)
+                deleted.set()
+
+            nursery.start_soon(delete)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not deleted.is_set()
+            writer.gate.set()
+            await deleted.wait()
+            assert log.written == log.size
+            nursery.cancel_scope.cancel()
+    assert not (tmp_path / "logs" / job).exists()
+    assert not (tmp_path / "metrics" / job).exists()
+    assert _stored(tmp_path / "jobs.db") == []
+    assert LogFileReader(tmp_path / "logs" / "job-other").size() == other.size
+
+
+async def test_retention_deletions_remove_one_kind_and_keep_the_row(tmp_path: Path) -> None:
+    writer = _writer_with_everything(tmp_path)
+    await writer.open_db()
+    job = "job-old"
+    log = make_log(tmp_path / "logs", writer, job)
+    info = JobInfo(id=job, spec=JobSpec(command="true"), status=JobStatus.COMPLETED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await writer.write_metrics(job, METRICS)
+            await log.append(STDOUT, b"x\n")
+            log.close()
+            writer.close_job(job)
+            await writer.save_job(info)
+            await writer.delete_logs(job)
+            assert not (tmp_path / "logs" / job).exists()
+            assert metrics_path(tmp_path / "metrics", job).exists()
+            await writer.delete_metrics(job)
+            assert not (tmp_path / "metrics" / job).exists()
+            assert _stored(tmp_path / "jobs.db") == [info]
+            await writer.forget_job(job)
+            assert _stored(tmp_path / "jobs.db") == []
+            with pytest.raises(DeleteError):
+                await writer.delete_logs("..")  # not a job id: refused, nothing deleted
+            assert (tmp_path / "logs").is_dir()
+            nursery.cancel_scope.cancel()

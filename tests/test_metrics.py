@@ -403,7 +403,7 @@ async def test_stored_metrics_are_read_by_job_id_after_a_restart(joblet: Harness
         samples = await collect(joblet, job.id)
         # A fresh hub knows no sampler: what a restarted daemon has.
         ctx = joblet.engine.context
-        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.driver)
+        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.driver, ctx.disk_writer)
         assert [s async for s in fresh.follow(job.id)] == samples
     path = metrics_path(ctx.metrics_dir, job.id)
     lines = gzip.decompress(path.read_bytes()).decode().splitlines()

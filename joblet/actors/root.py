@@ -88,7 +88,9 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
     (state / "metrics").mkdir(parents=True, exist_ok=True)
     driver = detect_driver(config.cgroup)
     driver.setup()
-    disk_writer = DiskWriter(state / "logs", config.logs, db_path=state / "jobs.db")
+    disk_writer = DiskWriter(
+        state / "logs", config.logs, db_path=state / "jobs.db", metrics_dir=state / "metrics"
+    )
     past = await disk_writer.open_db()
     ctx = JobContext(
         config=config,
@@ -98,7 +100,7 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
         jobs_dir=state / "jobs",
         logs_dir=state / "logs",
         metrics_dir=state / "metrics",
-        metrics=MetricsHub(state / "metrics", config.metrics, driver),
+        metrics=MetricsHub(state / "metrics", config.metrics, driver, disk_writer),
         launcher=Stage1Pool(config.isolation.prestart),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
@@ -125,6 +127,8 @@ async def open_node(config: Config, *, shutdown_grace: float = 10.0) -> AsyncIte
                 config.persist.storage.retention,
                 end_times=engine.end_times,
                 forget=engine.forget,
+                delete_logs=disk_writer.delete_logs,
+                delete_metrics=disk_writer.delete_metrics,
             )
             await system.start(supervise, "retention", retention.run)
             try:

@@ -2,16 +2,19 @@
 
 A :class:`WriteQueue` is the bookkeeping of :class:`~joblet.actors.diskwriter.DiskWriter` without
 its waiting and its threads. It holds, per job, the log chunks waiting to be written, whether the
-job's log files are to be closed, and the job's record (its metadata for the job database, or its
-deletion). It decides:
+job's log files are to be closed, the job's record (its metadata for the job database, or the
+removal of its row) and the deletion of its files. It decides:
 
 - when a batch is due (:meth:`WriteQueue.due`): ``flush_bytes`` of chunks have gathered, the
-  oldest queued work has waited ``flush_interval``, a record is queued (records never wait for the
-  interval), or a caller asked for everything now;
+  oldest queued work has waited ``flush_interval``, a record or a deletion is queued (they never
+  wait for the interval), or a caller asked for everything now;
 - what goes in a batch (:meth:`WriteQueue.take`): chunks up to a cap, taken round-robin over jobs
-  so one busy job cannot starve the others; the closes of jobs with no chunks left; the records of
-  jobs with no chunks left. A job's record is written only after every chunk queued before it, so
-  a record that says a job ended always comes with its complete log on disk;
+  so one busy job cannot starve the others; then, of the jobs with no chunks left, the closes, the
+  records and the deletions, in that order. A job's record is written only after every chunk
+  queued before it, so a record that says a job ended always comes with its complete log on disk;
+  and a job's files are deleted only after its pending writes and after its row, so a crash
+  half-way through a deletion leaves files without a row (which retention ages out), never a row
+  whose log is gone;
 - what a failed batch puts back (:meth:`WriteQueue.requeue`, :meth:`WriteQueue.requeue_records`):
   in front of anything newer, so the log stays in order.
 
@@ -72,24 +75,47 @@ class Record(Generic[W]):
     waiters: list[W] = attrs.Factory(list)
 
 
+@attrs.define
+class Deletion(Generic[W]):
+    """The deletion of a job's files, waiting for the job's pending writes.
+
+    Attributes:
+        logs: Delete the job's log files.
+        metrics: Delete the job's metrics files.
+        waiters: Told when it is done.
+    """
+
+    logs: bool = False
+    metrics: bool = False
+    waiters: list[W] = attrs.Factory(list)
+
+    def merge(self, other: Deletion[W]) -> None:
+        """Take on another deletion of the same job (what either deletes, and its waiters)."""
+        self.logs = self.logs or other.logs
+        self.metrics = self.metrics or other.metrics
+        self.waiters.extend(other.waiters)
+
+
 @attrs.frozen
 class Batch(Generic[L, W]):
-    """One write, in this order: the chunks, the closes, the records.
+    """One write, in this order: the chunks, the closes, the records, the deletions.
 
     Attributes:
         logs: Chunks of each job, in the order to write them.
         closing: Jobs whose log files are closed once their chunks above are written.
         records: Job records to write, by job id.
+        deletions: Files to delete once the records are written, by job id.
     """
 
     logs: list[JobChunks[L]]
     closing: list[str]
     records: dict[str, Record[W]]
+    deletions: dict[str, Deletion[W]] = attrs.Factory(dict)
 
     @property
     def empty(self) -> bool:
         """Whether there is nothing to write."""
-        return not self.logs and not self.closing and not self.records
+        return not (self.logs or self.closing or self.records or self.deletions)
 
 
 @attrs.define
@@ -117,6 +143,8 @@ class WriteQueue(Generic[L, W]):
         self._to_close: set[str] = set()
         # Job records by job id (the latest info wins).
         self._records: dict[str, Record[W]] = {}
+        # File deletions by job id.
+        self._deletions: dict[str, Deletion[W]] = {}
         # When the oldest queued work arrived; None when nothing is queued.
         self._oldest: float | None = None
 
@@ -132,7 +160,7 @@ class WriteQueue(Generic[L, W]):
 
     def has_work(self) -> bool:
         """Whether anything at all is queued."""
-        return bool(self._pending or self._to_close or self._records)
+        return bool(self._pending or self._to_close or self._records or self._deletions)
 
     def logs(self) -> list[tuple[str, L]]:
         """Each job with chunks queued, and its log."""
@@ -178,6 +206,22 @@ class WriteQueue(Generic[L, W]):
         record.waiters.append(waiter)
         self._arrived(now)
 
+    def queue_deletion(
+        self, job_id: str, waiter: W, now: float, *, logs: bool = False, metrics: bool = False
+    ) -> None:
+        """Queue the deletion of a job's files, after its pending writes; ``waiter`` is told.
+
+        Deletions of the same job queued before it is done are merged. Wake the writer:
+        deletions do not wait for the interval.
+        """
+        deletion = Deletion[W](logs, metrics, [waiter])
+        queued = self._deletions.get(job_id)
+        if queued is None:
+            self._deletions[job_id] = deletion
+        else:
+            queued.merge(deletion)
+        self._arrived(now)
+
     def due(self, now: float, *, urgent: bool = False) -> bool:
         """Whether a batch should be written now.
 
@@ -191,6 +235,7 @@ class WriteQueue(Generic[L, W]):
             self._pending_bytes >= self.flush_bytes
             or urgent
             or bool(self._records)
+            or bool(self._deletions)
             or now >= self._oldest + self.flush_interval
         )
 
@@ -221,9 +266,18 @@ class WriteQueue(Generic[L, W]):
         records = {j: r for j, r in self._records.items() if j not in self._pending}
         for job_id in records:
             del self._records[job_id]
-        if not self._pending and len(closing) == len(self._to_close) and not self._records:
+        # A deletion waits for the job's pending writes, and comes after its record.
+        deletions = {j: d for j, d in self._deletions.items() if j not in self._pending}
+        for job_id in deletions:
+            del self._deletions[job_id]
+        if (
+            not self._pending
+            and len(closing) == len(self._to_close)
+            and not self._records
+            and not self._deletions
+        ):
             self._oldest = None
-        return Batch(logs, closing, records)
+        return Batch(logs, closing, records, deletions)
 
     def closed(self, job_ids: list[str]) -> None:
         """These jobs' log files are closed (a batch with them in ``closing`` was written)."""
@@ -256,6 +310,16 @@ class WriteQueue(Generic[L, W]):
                 # The newer info wins; whoever waits on either is told when it is written.
                 newer.waiters.extend(record.waiters)
         if records and self._oldest is None:
+            self._oldest = now
+
+    def requeue_deletions(self, deletions: dict[str, Deletion[W]], now: float) -> None:
+        """Put deletions that were not done back, merged with any queued since."""
+        for job_id, deletion in deletions.items():
+            queued = self._deletions.pop(job_id, None)
+            if queued is not None:
+                deletion.merge(queued)
+            self._deletions[job_id] = deletion
+        if deletions and self._oldest is None:
             self._oldest = now
 
     def _arrived(self, now: float) -> None:
