@@ -2,7 +2,7 @@
 
 - Write path: 40-byte lines appended to a :class:`~joblet.store.joblog.JobLog` in batches of
   :data:`BATCH` bytes (a pipe read of a busy job), written by the real
-  :class:`~joblet.actors.persist.PersistActor` to gzip files, timed until they are on disk; next
+  :class:`~joblet.actors.diskwriter.DiskWriter` to gzip files, timed until they are on disk; next
   to ``gzip -1`` on the same bytes (same run) and the spec's "5M+ lines/s".
 - Query path: ``QueryLogs`` of that whole log (:data:`LOG_BYTES`) through the real Persist
   Service on its Unix socket, with a ``grpcio`` client in another process: time to the first
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import trio
 
-from joblet.actors.persist import PersistActor
+from joblet.actors.diskwriter import DiskWriter
 from joblet.config import Config, LogsSection, StateLayout
+from joblet.core.chunks import STDOUT
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
@@ -38,7 +39,6 @@ from joblet.rpc.persist_service import (
 )
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, job_log_dir
-from joblet.store.logindex import STDOUT
 
 #: Bytes per line, as the spec's throughput claim is usually read.
 LINE_BYTES = 40
@@ -61,24 +61,24 @@ def make_lines(total_bytes: int) -> bytes:
 
 async def write_path(logs_dir: Path, data: bytes, batch: int) -> float:
     """Seconds from the first append to the whole log on disk (gzip files and index)."""
-    persist = PersistActor(logs_dir, LogsSection())
+    disk_writer = DiskWriter(logs_dir, LogsSection())
     defaults = LogsSection()
     log = JobLog(
         JOB_ID,
-        persist=persist,
+        sink=disk_writer,
         budget=LogBudget(defaults.memory_budget),
         window_bytes=defaults.window_bytes,
         reader=lambda: LogFileReader(job_log_dir(logs_dir, JOB_ID)),
     )
     view = memoryview(data)
     async with trio.open_nursery() as nursery:
-        await nursery.start(persist.run)
+        await nursery.start(disk_writer.run)
         t0 = time.perf_counter()
         for start in range(0, len(data), batch):
             await log.append(STDOUT, view[start : start + batch])
         log.close()
-        persist.close_job(JOB_ID)
-        await persist.flush()
+        disk_writer.close_job(JOB_ID)
+        await disk_writer.flush()
         elapsed = time.perf_counter() - t0
         nursery.cancel_scope.cancel()
     return elapsed
@@ -150,7 +150,7 @@ def run(
     results.update({f"persist_{k}": v for k, v in figures.items()})
     title = (
         f"persist write path: {lines:,.0f} lines of {LINE_BYTES} B ({mb:.0f} MB), "
-        f"JobLog.append of {BATCH >> 10} KiB -> PersistActor -> gzip files"
+        f"JobLog.append of {BATCH >> 10} KiB -> DiskWriter -> gzip files"
     )
     with section(title):
         row(

@@ -436,8 +436,8 @@ async def bench_logs(joblet: Harness, args: argparse.Namespace, results: Results
         t_live = time.perf_counter() - t0
         final = await joblet.wait(job.id)
         # Everything submitted and the job's log files fsynced and closed (wait() returns after
-        # the job's cleanup, which asks the persist actor to close them).
-        await joblet.engine.context.persist.flush()
+        # the job's cleanup, which asks the disk writer to close them).
+        await joblet.engine.context.disk_writer.flush()
         t_disk = time.perf_counter() - t0
         assert final.status is JobStatus.COMPLETED and received == size, (final, received)
         log_dir = joblet.node.config.layout.logs_dir / job.id
@@ -653,7 +653,7 @@ def bench_grpc(args: argparse.Namespace, results: Results) -> None:
 
 @process_bench("persist")
 def bench_persist(args: argparse.Namespace, results: Results) -> None:
-    """Log lines/s through the persist actor to disk; QueryLogs on a 100 MB log."""
+    """Log lines/s through the disk writer to disk; QueryLogs on a 100 MB log."""
     from benchmarks import persist
 
     persist.run(args, results, row=row, section=section)

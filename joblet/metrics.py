@@ -24,7 +24,7 @@ process     ``process_count``, ``process_threads``, ``process_open_fds``,
             ``process_pids_current`` (tasks in the cgroup), ``process_pids_limit`` (0 = none)
 =========== ==================================================================================
 
-Each type is stored as one record (:class:`joblet.store.metrics.MetricRecord`) per sample, all
+Each type is stored as one record (:class:`joblet.store.metricfiles.MetricRecord`) per sample, all
 with the sample's timestamp.
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from joblet.store.metrics import MetricRecord
+from joblet.store.metricfiles import MetricRecord
 from joblet.sys.cgroups import CgroupStats
 from joblet.sys.procfs import NetCounters, ProcessCounts
 

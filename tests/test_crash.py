@@ -28,7 +28,7 @@ from tests.test_grpc import T, job_stub, open_channel, output
 
 ITERATIONS = 20
 FLUSH_INTERVAL = 0.2
-#: Time the persist actor may take to write a batch on a loaded machine, on top of the interval.
+#: Time the disk writer may take to write a batch on a loaded machine, on top of the interval.
 WRITE_SLACK = 1.0
 #: A job that writes numbered lines for as long as it lives (never ends by itself).
 CHATTY = """

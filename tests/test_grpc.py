@@ -45,6 +45,7 @@ import yaml
 from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
 from joblet.config import Config, GrpcSection, StateLayout, load_config
+from joblet.core.chunks import Chunk
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.metrics import MetricsSample
@@ -53,7 +54,6 @@ from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from joblet.rpc import auth
 from joblet.rpc.server import GrpcServer, open_listener, server_ssl_context
 from joblet.rpc.service import MAX_CHUNK, JobService
-from joblet.store.logindex import Chunk
 from tests.conftest import require_root
 from tests.daemon import REPO, Daemon, running_daemon
 
@@ -485,7 +485,7 @@ def test_large_output_comes_in_messages_of_at_most_64k_and_resumes_at_an_offset(
 @pytest.mark.slow
 def test_client_disconnecting_mid_stream_costs_nothing(admin: Any, daemon: Daemon) -> None:
     res = run(admin, "sh", "-c", "while true; do echo tick; sleep 0.02; done")
-    # The persist actor opens the job's log files with its first write: count after that.
+    # The disk writer opens the job's log files with its first write: count after that.
     index = StateLayout(daemon.state_dir).logs_dir / res.id / "index"
     for _ in range(200):
         if index.exists() and index.stat().st_size > 0:

@@ -1,6 +1,6 @@
 """The in-memory job log: subscribers, replay, resume, eviction and the memory budget.
 
-Real files in ``tmp_path`` and, unless a test is about the sink itself, the real persist actor.
+Real files in ``tmp_path`` and, unless a test is about the sink itself, the real disk writer.
 Ordering is forced with ``trio.testing`` and events, never with sleeps.
 """
 
@@ -16,18 +16,19 @@ import pytest
 import trio
 import trio.testing
 
-from joblet.actors.persist import PersistActor
+from joblet.actors.diskwriter import DiskWriter
 from joblet.config import LogsSection
-from joblet.store.joblog import MAX_CHUNK, JobLog, LogBudget
+from joblet.core.chunks import STDERR, STDOUT, Chunk
+from joblet.core.logwindow import MAX_CHUNK
+from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, LogFileWriter
-from joblet.store.logindex import STDERR, STDOUT, Chunk
 
 JOB = "job-1"
 
 
 def make_log(
     logs_dir: Path,
-    persist: PersistActor | ManualSink,
+    sink: DiskWriter | ManualSink,
     budget: LogBudget,
     *,
     window: int = 64 << 10,
@@ -35,7 +36,7 @@ def make_log(
 ) -> JobLog:
     return JobLog(
         job_id,
-        persist=persist,
+        sink=sink,
         budget=budget,
         window_bytes=window,
         reader=lambda: LogFileReader(logs_dir / job_id),
@@ -43,17 +44,17 @@ def make_log(
 
 
 @asynccontextmanager
-async def running_persist(logs_dir: Path, **cfg: int | float) -> AsyncIterator[PersistActor]:
-    """A running persist actor, cancelled (which flushes) on exit."""
-    persist = PersistActor(logs_dir, LogsSection(**cfg))  # type: ignore[arg-type]
+async def running_writer(logs_dir: Path, **cfg: int | float) -> AsyncIterator[DiskWriter]:
+    """A running disk writer, cancelled (which flushes) on exit."""
+    writer = DiskWriter(logs_dir, LogsSection(**cfg))  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
-        await nursery.start(persist.run)
-        yield persist
+        await nursery.start(writer.run)
+        yield writer
         nursery.cancel_scope.cancel()
 
 
 class ManualSink:
-    """A sink the test drives: chunks are written and marked persisted only when told."""
+    """A sink the test drives: chunks are written and marked written only when told."""
 
     def __init__(self, job_dir: Path) -> None:
         self.queued: list[Chunk] = []
@@ -62,11 +63,11 @@ class ManualSink:
     def submit(self, log: JobLog, chunk: Chunk) -> None:
         self.queued.append(chunk)
 
-    def persist_upto(self, log: JobLog, offset: int) -> None:
+    def write_upto(self, log: JobLog, offset: int) -> None:
         batch = [c for c in self.queued if c.end <= offset]
         self.queued = [c for c in self.queued if c.end > offset]
         self.writer.append(batch)
-        log.mark_persisted(offset)
+        log.mark_written(offset)
 
 
 def workload(seed: int, n: int) -> list[tuple[int, bytes]]:
@@ -161,8 +162,8 @@ async def test_many_subscribers_get_byte_identical_streams_and_late_ones_replay_
         results[name] = chunks
 
     with trio.fail_after(30):
-        async with running_persist(tmp_path, flush_bytes=64 << 10) as persist:
-            log = make_log(tmp_path, persist, LogBudget(1 << 20), window=32 << 10)
+        async with running_writer(tmp_path, flush_bytes=64 << 10) as writer:
+            log = make_log(tmp_path, writer, LogBudget(1 << 20), window=32 << 10)
             async with trio.open_nursery() as nursery:
                 for i, max_bytes in enumerate([1 << 30, 65536, 4096, 65536, 3001]):
                     nursery.start_soon(subscriber, f"live-{i}", max_bytes, False)
@@ -173,8 +174,8 @@ async def test_many_subscribers_get_byte_identical_streams_and_late_ones_replay_
                 assert log.memory_start > 0
                 appended.set()
                 log.close()
-                persist.close_job(JOB)
-            await persist.flush()
+                writer.close_job(JOB)
+            await writer.flush()
             # After the end: from memory-less JobLog state, then from a log loaded from disk.
             assert log.memory_bytes == 0
             results["late"] = await collect(log)
@@ -204,11 +205,11 @@ async def test_reads_resume_from_any_offset_without_loss_or_duplication(tmp_path
     merged = b"".join(data for _, data in items)
     rng = random.Random(2)
     with trio.fail_after(30):
-        async with running_persist(tmp_path, flush_bytes=32 << 10) as persist:
-            log = make_log(tmp_path, persist, LogBudget(1 << 20), window=16 << 10)
+        async with running_writer(tmp_path, flush_bytes=32 << 10) as writer:
+            log = make_log(tmp_path, writer, LogBudget(1 << 20), window=16 << 10)
             for stream, data in items:
                 await log.append(stream, data)
-            await persist.flush()
+            await writer.flush()
             assert 0 < log.memory_start < log.size  # part on disk only, part in memory
             offsets = [0, 1, log.memory_start - 1, log.memory_start, log.size - 1]
             offsets += [rng.randrange(log.size) for _ in range(30)]
@@ -269,8 +270,8 @@ async def test_read_waits_for_data_and_ends_after_close(tmp_path: Path) -> None:
 async def test_big_appends_are_split_into_bounded_chunks(tmp_path: Path) -> None:
     data = bytes(range(256)) * (MAX_CHUNK * 5 // 2 // 256)
     with trio.fail_after(10):
-        async with running_persist(tmp_path) as persist:
-            log = make_log(tmp_path, persist, LogBudget(1 << 30))
+        async with running_writer(tmp_path) as writer:
+            log = make_log(tmp_path, writer, LogBudget(1 << 30))
             await log.append(STDOUT, data)
             chunks = await log.read(0, 1 << 30)
             assert [len(c.data) for c in chunks] == [
@@ -280,14 +281,14 @@ async def test_big_appends_are_split_into_bounded_chunks(tmp_path: Path) -> None
             ]
             assert len({c.ts_ns for c in chunks}) == 1
             log.close()
-            await persist.flush()
+            await writer.flush()
             assert b"".join(c.data for c in await collect(log, 0, 1 << 30)) == data
 
 
 # --- memory -------------------------------------------------------------------------------
 
 
-async def test_chunks_leave_memory_once_persisted_and_outside_the_window(tmp_path: Path) -> None:
+async def test_chunks_leave_memory_once_written_and_outside_the_window(tmp_path: Path) -> None:
     sink = ManualSink(tmp_path / JOB)
     budget = LogBudget(1 << 20)
     log = make_log(tmp_path, sink, budget, window=100)
@@ -295,15 +296,15 @@ async def test_chunks_leave_memory_once_persisted_and_outside_the_window(tmp_pat
         for stream in (STDOUT, STDERR, STDOUT):
             await log.append(stream, bytes([65 + stream]) * 60)
         assert (log.memory_bytes, budget.used) == (180, 180)
-        sink.persist_upto(log, 60)  # on disk and 120 bytes from the end: leaves memory
+        sink.write_upto(log, 60)  # on disk and 120 bytes from the end: leaves memory
         assert (log.memory_bytes, log.memory_start, budget.used) == (120, 60, 120)
-        sink.persist_upto(log, 180)  # all on disk, but the last 100 bytes stay for readers
+        sink.write_upto(log, 180)  # all on disk, but the last 100 bytes stay for readers
         assert (log.memory_bytes, log.memory_start, budget.used) == (120, 60, 0)
         assert (await log.read(0, 1000))[0].data == b"B" * 60  # from disk
         await log.append(STDERR, b"C" * 60)
         assert (log.memory_bytes, log.memory_start) == (120, 120)  # pushed out of the window
         log.close()
-        sink.persist_upto(log, 240)
+        sink.write_upto(log, 240)
         assert (log.memory_bytes, log.memory_start) == (0, 240)  # ended and on disk: all gone
         chunks = await collect(log)
         assert b"".join(c.data for c in chunks) == b"B" * 60 + b"C" * 60 + b"B" * 60 + b"C" * 60
@@ -335,9 +336,9 @@ async def test_a_stalled_subscriber_neither_slows_appends_nor_holds_memory(tmp_p
                     await resume.wait()  # stalls while the job writes everything
 
     with trio.fail_after(60):
-        async with running_persist(tmp_path, flush_bytes=1 << 20) as persist:
+        async with running_writer(tmp_path, flush_bytes=1 << 20) as writer:
             budget = LogBudget(budget_bytes)
-            log = make_log(tmp_path, persist, budget, window=window)
+            log = make_log(tmp_path, writer, budget, window=window)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stalled_subscriber)
                 await log.append(STDOUT, b"%08d" % 0 + block[8:])
@@ -354,18 +355,18 @@ async def test_a_stalled_subscriber_neither_slows_appends_nor_holds_memory(tmp_p
                 assert peak_memory <= budget_bytes + window + size
                 assert budget.used <= budget_bytes
                 log.close()
-                persist.close_job(JOB)
+                writer.close_job(JOB)
                 resume.set()
     assert received_bytes == total
     assert received.hexdigest() == sent.hexdigest()
     assert log.memory_bytes == 0
 
 
-async def test_append_blocks_at_the_budget_until_the_persist_actor_runs(tmp_path: Path) -> None:
+async def test_append_blocks_at_the_budget_until_the_disk_writer_runs(tmp_path: Path) -> None:
     limit = 64 << 10
     budget = LogBudget(limit)
-    persist = PersistActor(tmp_path, LogsSection(flush_interval=0.01))
-    log = make_log(tmp_path, persist, budget)
+    writer = DiskWriter(tmp_path, LogsSection(flush_interval=0.01))
+    log = make_log(tmp_path, writer, budget)
     first = bytes(limit)
     second = b"more output\n"
     done = trio.Event()
@@ -380,12 +381,12 @@ async def test_append_blocks_at_the_budget_until_the_persist_actor_runs(tmp_path
             nursery.start_soon(append_more)
             await trio.testing.wait_all_tasks_blocked()
             assert not done.is_set()  # blocked: nothing reached the disk yet
-            assert (log.size, budget.used, persist.pending_bytes) == (limit, limit, limit)
-            await nursery.start(persist.run)
+            assert (log.size, budget.used, writer.pending_bytes) == (limit, limit, limit)
+            await nursery.start(writer.run)
             await done.wait()  # the actor wrote the first chunk, so the second fits
             log.close()
-            persist.close_job(JOB)
-            await persist.flush()
+            writer.close_job(JOB)
+            await writer.flush()
             assert budget.used == 0
             nursery.cancel_scope.cancel()
         chunks = await collect(log)
@@ -396,12 +397,12 @@ async def test_append_blocks_at_the_budget_until_the_persist_actor_runs(tmp_path
 async def test_a_log_loaded_from_disk_is_closed_and_complete(tmp_path: Path) -> None:
     items = workload(3, 50)
     with trio.fail_after(10):
-        async with running_persist(tmp_path) as persist:
-            log = make_log(tmp_path, persist, LogBudget(1 << 20))
+        async with running_writer(tmp_path) as writer:
+            log = make_log(tmp_path, writer, LogBudget(1 << 20))
             for stream, data in items:
                 await log.append(stream, data)
             log.close()
-            persist.close_job(JOB)
+            writer.close_job(JOB)
         live = await collect(log)
         loaded = await JobLog.from_disk(JOB, lambda: LogFileReader(tmp_path / JOB))
         assert (loaded.closed, loaded.size, loaded.memory_bytes) == (True, log.size, 0)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.store.logfiles import (
     INDEX_NAME,
     MEMBER_TARGET,
@@ -25,7 +26,7 @@ from joblet.store.logfiles import (
     delete_job_logs,
     stream_path,
 )
-from joblet.store.logindex import RECORD_SIZE, STDERR, STDOUT, Chunk
+from joblet.store.logindex import RECORD_SIZE
 
 
 def make_chunks(seed: int, n: int, *, start: int = 0, big: bool = False) -> list[Chunk]:

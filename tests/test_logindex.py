@@ -5,11 +5,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.store.logindex import (
     RECORD_SIZE,
-    STDERR,
-    STDOUT,
-    Chunk,
     IndexRecord,
     RecordError,
     decode_record,

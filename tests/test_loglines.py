@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from joblet.store import loglines
+from joblet.core import lines as core_lines
+from joblet.core.chunks import STDERR, STDOUT, Chunk
+from joblet.core.lines import LineQuery, Lines
 from joblet.store.logfiles import LogFileWriter
-from joblet.store.logindex import STDERR, STDOUT, Chunk
-from joblet.store.loglines import LineQuery, Lines, LogLineReader
+from joblet.store.loglines import LogLineReader
 
 OUT, ERR = STDOUT, STDERR
 
@@ -183,13 +184,13 @@ def test_a_growing_log_is_read_as_it_was_when_the_reader_started(tmp_path: Path)
 
 
 def test_an_overlong_line_comes_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loglines, "MAX_LINE_BYTES", 10)
+    monkeypatch.setattr(core_lines, "MAX_LINE_BYTES", 10)
     write_log(tmp_path, [(OUT, b"x" * 6, 1), (OUT, b"y" * 6, 2), (OUT, b"z\n", 3)])
     assert read_all(tmp_path) == [(1, OUT, "xxxxxxyyyyyy"), (3, OUT, "z")]
 
 
 def test_held_lines_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loglines, "MAX_HELD_BYTES", 8)
+    monkeypatch.setattr(core_lines, "MAX_HELD_BYTES", 8)
     write_log(
         tmp_path,
         [(OUT, b"slow", 1), (ERR, b"e1\ne2\n", 2), (ERR, b"e3\ne4\ne5\n", 3), (OUT, b" end\n", 4)],

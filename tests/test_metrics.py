@@ -19,13 +19,13 @@ import pytest
 import trio
 
 from cli import chart, output
-from joblet.actors.metrics import FOLLOWER_BUFFER, MetricsHub
+from joblet.actors.sampler import FOLLOWER_BUFFER, MetricsHub
 from joblet.config import MetricsSection
 from joblet.core.errors import JobNotFound
 from joblet.core.model import JobStatus
 from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
 from joblet.rpc import convert
-from joblet.store.metrics import (
+from joblet.store.metricfiles import (
     MetricRecord,
     MetricsCorrupted,
     MetricsWriter,
@@ -403,7 +403,7 @@ async def test_stored_metrics_are_read_by_job_id_after_a_restart(joblet: Harness
         samples = await collect(joblet, job.id)
         # A fresh hub knows no sampler: what a restarted daemon has.
         ctx = joblet.engine.context
-        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.driver)
+        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.driver, ctx.disk_writer)
         assert [s async for s in fresh.follow(job.id)] == samples
     path = metrics_path(ctx.metrics_dir, job.id)
     lines = gzip.decompress(path.read_bytes()).decode().splitlines()

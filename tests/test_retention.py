@@ -1,4 +1,5 @@
-"""The retention actor: real directories, a mock clock, a fake engine (end times and forget).
+"""The retention actor: real directories, a mock clock, a fake engine (end times and forget) and
+a fake disk writer (deleting inline).
 
 The file system work runs inline (``run_sync``) so that the mock clock's autojump never jumps
 while a worker thread runs: every step is deterministic.
@@ -17,9 +18,9 @@ import trio.testing
 
 from joblet.actors.retention import DAY, RetentionActor, Sweep
 from joblet.config import RetentionSection
-from joblet.store.logfiles import LogFileWriter
-from joblet.store.logindex import STDOUT, Chunk
-from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
+from joblet.core.chunks import STDOUT, Chunk
+from joblet.store.logfiles import LogFileWriter, delete_job_logs
+from joblet.store.metricfiles import MetricRecord, MetricsWriter, delete_job_metrics, metrics_path
 
 T0 = 1_700_000_000.0  # wall-clock time when the mock clock reads 0
 
@@ -44,6 +45,21 @@ class FakeEngine:
         self.ends.pop(job_id)
         self.forgotten.append((job_id, trio.current_time()))
         self.forgot.set()
+
+
+class InlineDeleter:
+    """The disk writer's deletions, done at once on the event loop."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    async def delete_logs(self, job_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        delete_job_logs(self.state / "logs", job_id)
+
+    async def delete_metrics(self, job_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        delete_job_metrics(self.state / "metrics", job_id)
 
 
 def wall() -> float:
@@ -82,6 +98,8 @@ def actor(
         RetentionSection(logs_days=logs_days, metrics_days=metrics_days, cleanup_interval=interval),
         end_times=engine.end_times,
         forget=engine.forget,
+        delete_logs=InlineDeleter(state).delete_logs,
+        delete_metrics=InlineDeleter(state).delete_metrics,
         wall_clock=wall,
         run_sync=inline,
     )
@@ -195,6 +213,8 @@ async def test_a_failing_forget_is_retried_at_the_next_sweep(
         RetentionSection(),
         end_times=lambda: ends,
         forget=forget,
+        delete_logs=InlineDeleter(tmp_path).delete_logs,
+        delete_metrics=InlineDeleter(tmp_path).delete_metrics,
         wall_clock=wall,
         run_sync=inline,
     )

@@ -19,6 +19,7 @@ import trio
 
 from joblet import logfmt
 from joblet.actors.job import JobActor, JobContext
+from joblet.core.chunks import Chunk
 from joblet.core.errors import (
     JobNotFound,
     JobNotRunning,
@@ -30,9 +31,7 @@ from joblet.core.ids import new_job_id, resolve_prefix
 from joblet.core.model import JobInfo, JobSpec
 from joblet.metrics import MetricsSample
 from joblet.store.joblog import JobLog
-from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
-from joblet.store.logindex import Chunk
-from joblet.store.metrics import delete_job_metrics
+from joblet.store.logfiles import LogFileReader, job_log_dir
 
 
 class EndedJob:
@@ -240,17 +239,13 @@ class Engine:
         await self._drop_record(job_id)
 
     async def _delete(self, job_id: str) -> None:
-        await self._drop_record(job_id)
-        await trio.to_thread.run_sync(self._delete_files, job_id)
+        self._jobs.pop(job_id, None)
+        await self._ctx.disk_writer.delete_job(job_id)
         logfmt.info("job deleted", jobId=job_id)
 
     async def _drop_record(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
-        await self._ctx.persist.forget_job(job_id)
-
-    def _delete_files(self, job_id: str) -> None:
-        delete_job_logs(self._ctx.logs_dir, job_id)
-        delete_job_metrics(self._ctx.metrics_dir, job_id)
+        await self._ctx.disk_writer.forget_job(job_id)
 
     async def follow_log(self, ref: str, offset: int = 0) -> AsyncGenerator[Chunk, None]:
         """The job's merged output from byte ``offset``: what exists, then live, until the end.

@@ -20,16 +20,16 @@ import attrs
 import trio
 
 from joblet import logfmt
-from joblet.actors.metrics import MetricsHub
-from joblet.actors.persist import PersistActor
+from joblet.actors.diskwriter import DiskWriter
 from joblet.actors.prestart import Stage1Pool
+from joblet.actors.sampler import MetricsHub
 from joblet.config import Config
+from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.errors import StartFailed
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobSpec
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader
-from joblet.store.logindex import STDERR, STDOUT
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver
 
@@ -41,7 +41,7 @@ class JobContext:
     Attributes:
         config: The daemon configuration.
         driver: The cgroup driver.
-        persist: The persist actor that writes logs to disk.
+        disk_writer: Writes (and deletes) logs, metrics and job records on disk.
         budget: The memory budget for not-yet-persisted log data, shared by all jobs.
         jobs_dir: Where per-job directories (root mount point, /work) live.
         logs_dir: Where persisted logs live.
@@ -55,7 +55,7 @@ class JobContext:
 
     config: Config
     driver: CgroupDriver
-    persist: PersistActor
+    disk_writer: DiskWriter
     budget: LogBudget
     jobs_dir: Path
     logs_dir: Path
@@ -83,7 +83,7 @@ class JobActor:
         self.state = JobLifecycle(job_id, start_time=time.time())
         self.log = JobLog(
             job_id,
-            persist=ctx.persist,
+            sink=ctx.disk_writer,
             budget=ctx.budget,
             window_bytes=ctx.config.logs.window_bytes,
             reader=lambda: LogFileReader(ctx.logs_dir / job_id),
@@ -143,7 +143,7 @@ class JobActor:
         job_dir = ctx.jobs_dir / self.id
         proc: trio.Process | None = None
         try:
-            ctx.persist.submit_job(self._snapshot())
+            ctx.disk_writer.submit_job(self._snapshot())
             proc = await self._start(job_dir)
             self.state.started(proc.pid)
             await self._save("RUNNING")
@@ -180,7 +180,7 @@ class JobActor:
         Out of time (the disk is stuck), the job goes on and the record is written later.
         """
         with trio.move_on_after(self._ctx.config.joblet.cleanup_timeout) as scope:
-            await self._ctx.persist.save_job(self._snapshot())
+            await self._ctx.disk_writer.save_job(self._snapshot())
         if scope.cancelled_caught:
             logfmt.error("job record not written in time", jobId=self.id, record=what)
 
@@ -316,7 +316,7 @@ class JobActor:
         # Readers see the log end only now, when the job's end is on record: a client that read
         # the whole log then asks for the status sees the job ended.
         self.log.close()
-        ctx.persist.close_job(self.id)
+        ctx.disk_writer.close_job(self.id)
         logfmt.info(
             "job finished",
             jobId=self.id,

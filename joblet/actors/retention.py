@@ -12,9 +12,12 @@ Every ``persist.storage.retention.cleanup_interval`` (and once at start-up) it l
 - once a job's log and metrics are both gone by age, its record is dropped too (``forget``), so
   the job disappears from ``rnx job list``.
 
-Where end times come from and how a record is dropped is given to the actor (the engine's
-:meth:`~joblet.actors.engine.Engine.end_times` and :meth:`~joblet.actors.engine.Engine.forget`),
-as is the wall clock, so the actor can be tested with trio's mock clock.
+The actor decides what is due; the deleting is done by the one owner of those files, the disk
+writer (:meth:`~joblet.actors.diskwriter.DiskWriter.delete_logs`,
+:meth:`~joblet.actors.diskwriter.DiskWriter.delete_metrics`), which orders it after any pending
+write of the job. Where end times come from, how files and records are removed (the engine's
+:meth:`~joblet.actors.engine.Engine.end_times` and :meth:`~joblet.actors.engine.Engine.forget`)
+and the wall clock are given to the actor, so it can be tested with trio's mock clock.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ import trio
 
 from joblet import logfmt
 from joblet.config import RetentionSection
-from joblet.store.logfiles import delete_job_logs
-from joblet.store.metrics import delete_job_metrics
 
 #: Seconds in a retention day.
 DAY = 86400.0
@@ -62,7 +63,7 @@ class _Kind:
     name: str
     base: Path
     days: int
-    delete: Callable[[Path, str], None]
+    delete: Callable[[str], Awaitable[None]]
 
     def cutoff(self, now: float) -> float | None:
         """Files of jobs that ended before this time go; None: kept forever."""
@@ -81,6 +82,8 @@ class RetentionActor:
         end_times: Every known job's end time (Unix seconds), None while it runs; called on the
             event loop.
         forget: Drops a job's record once its files are gone.
+        delete_logs: Deletes a job's log files.
+        delete_metrics: Deletes a job's metrics files.
         wall_clock: Unix time now (``time.time``).
         run_sync: Runs the file system work off the event loop (``trio.to_thread.run_sync``).
     """
@@ -93,12 +96,14 @@ class RetentionActor:
         *,
         end_times: EndTimes,
         forget: Callable[[str], Awaitable[None]],
+        delete_logs: Callable[[str], Awaitable[None]],
+        delete_metrics: Callable[[str], Awaitable[None]],
         wall_clock: Callable[[], float] = time.time,
         run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
         self._kinds = (
-            _Kind("logs", logs_dir, cfg.logs_days, delete_job_logs),
-            _Kind("metrics", metrics_dir, cfg.metrics_days, delete_job_metrics),
+            _Kind("logs", logs_dir, cfg.logs_days, delete_logs),
+            _Kind("metrics", metrics_dir, cfg.metrics_days, delete_metrics),
         )
         self._interval = cfg.cleanup_interval
         self._end_times = end_times
@@ -120,7 +125,19 @@ class RetentionActor:
         """
         now = self._wall_clock()
         ends = dict(self._end_times())
-        deleted: dict[str, list[str]] = await self._run_sync(partial(self._delete_due, now, ends))
+        due: dict[str, list[str]] = await self._run_sync(partial(self._due, now, ends))
+        deleted: dict[str, list[str]] = {}
+        for kind in self._kinds:
+            deleted[kind.name] = done = []
+            for job_id in due[kind.name]:
+                try:
+                    await kind.delete(job_id)
+                except Exception as exc:
+                    logfmt.warn(
+                        f"old job {kind.name} could not be deleted", jobId=job_id, error=str(exc)
+                    )
+                    continue
+                done.append(job_id)
         forgettable: list[str] = await self._run_sync(partial(self._forgettable, now, ends))
         forgotten = []
         for job_id in forgettable:
@@ -142,10 +159,11 @@ class RetentionActor:
 
     # --- in a worker thread -------------------------------------------------------------------
 
-    def _delete_due(self, now: float, ends: Mapping[str, float | None]) -> dict[str, list[str]]:
-        deleted: dict[str, list[str]] = {}
+    def _due(self, now: float, ends: Mapping[str, float | None]) -> dict[str, list[str]]:
+        """Per kind, the jobs whose files are old enough to go."""
+        due: dict[str, list[str]] = {}
         for kind in self._kinds:
-            deleted[kind.name] = done = []
+            due[kind.name] = found = []
             cutoff = kind.cutoff(now)
             if cutoff is None:
                 continue
@@ -159,15 +177,8 @@ class RetentionActor:
                     newest = _newest_mtime(path)
                     if newest is None or newest >= cutoff:
                         continue  # not a directory, gone, or recent
-                try:
-                    kind.delete(kind.base, job_id)
-                except (OSError, ValueError) as exc:
-                    logfmt.warn(
-                        f"old job {kind.name} could not be deleted", jobId=job_id, error=str(exc)
-                    )
-                    continue
-                done.append(job_id)
-        return deleted
+                found.append(job_id)
+        return due
 
     def _forgettable(self, now: float, ends: Mapping[str, float | None]) -> list[str]:
         """Ended jobs past both retention periods whose log and metrics are both gone."""

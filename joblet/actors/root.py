@@ -1,7 +1,7 @@
 """The root of the supervisor tree: one joblet node and the system actors it owns.
 
 :func:`open_node` is what both ``joblet serve`` and the in-process harness run. It detects the
-cgroup driver and prepares the parent group, starts the persist actor and the pool of waiting
+cgroup driver and prepares the parent group, starts the disk writer and the pool of waiting
 stage-1 processes (:mod:`joblet.actors.prestart`) under supervisors, recovers from an earlier run
 that did not end cleanly (see :func:`recover`), runs the engine, and removes the files of jobs that
 ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops every job gracefully,
@@ -23,12 +23,12 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.diskwriter import DiskWriter
 from joblet.actors.engine import Engine
 from joblet.actors.job import JobContext
-from joblet.actors.metrics import MetricsHub
-from joblet.actors.persist import PersistActor
 from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
+from joblet.actors.sampler import MetricsHub
 from joblet.actors.supervisor import supervise
 from joblet.config import Config, StateLayout
 from joblet.core.lifecycle import JobLifecycle
@@ -112,17 +112,19 @@ async def _open_node(
     for directory in (layout.jobs_dir, layout.logs_dir, layout.metrics_dir):
         directory.mkdir(parents=True, exist_ok=True)
     driver.setup()
-    persist = PersistActor(layout.logs_dir, config.logs, db_path=layout.jobs_db)
-    past = await persist.open_db()
+    disk_writer = DiskWriter(
+        layout.logs_dir, config.logs, db_path=layout.jobs_db, metrics_dir=layout.metrics_dir
+    )
+    past = await disk_writer.open_db()
     ctx = JobContext(
         config=config,
         driver=driver,
-        persist=persist,
+        disk_writer=disk_writer,
         budget=LogBudget(config.logs.memory_budget),
         jobs_dir=layout.jobs_dir,
         logs_dir=layout.logs_dir,
         metrics_dir=layout.metrics_dir,
-        metrics=MetricsHub(layout.metrics_dir, config.metrics, driver),
+        metrics=MetricsHub(layout.metrics_dir, config.metrics, driver, disk_writer),
         launcher=Stage1Pool(config.isolation.prestart),
         init=launch.find_init(),
         unshare=launch.find_unshare(),
@@ -136,7 +138,7 @@ async def _open_node(
         knownJobs=len(past),
     )
     async with trio.open_nursery() as system:
-        await system.start(supervise, "persist", persist.run)
+        await system.start(supervise, "disk-writer", disk_writer.run)
         # Before the engine and stopped after it: every job start goes through it.
         await system.start(supervise, "stage1-pool", ctx.launcher.run)
         past = await recover(ctx, past)
@@ -149,6 +151,8 @@ async def _open_node(
                 config.persist.storage.retention,
                 end_times=engine.end_times,
                 forget=engine.forget,
+                delete_logs=disk_writer.delete_logs,
+                delete_metrics=disk_writer.delete_metrics,
             )
             await system.start(supervise, "retention", retention.run)
             try:
@@ -159,7 +163,7 @@ async def _open_node(
                 jobs.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(config.joblet.cleanup_timeout * 2):
-                await persist.flush()
+                await disk_writer.flush()
         system.cancel_scope.cancel()
     try:
         driver.teardown()
@@ -175,7 +179,7 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     ``restart`` (exit code -1, :data:`~joblet.core.lifecycle.RESTART_REASON`); every process
     left in a job group under the cgroup parent (which this node holds locked) is killed and the
     groups are removed (also groups of jobs the database never heard of); leftover job
-    directories are deleted. Needs the persist actor running (the records are saved).
+    directories are deleted. Needs the disk writer running (the records are saved).
     """
     now = time.time()
     fixed: list[JobInfo] = []
@@ -193,7 +197,7 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
     )
     await trio.to_thread.run_sync(_remove_children, ctx.jobs_dir)
     # Submitted together, they are written in one batch.
-    for saved in [ctx.persist.submit_job(info) for info in fixed]:
+    for saved in [ctx.disk_writer.submit_job(info) for info in fixed]:
         await saved.wait()
     return jobs
 

@@ -2,7 +2,7 @@
 
 A system actor is anything with ``async def run(self, *, task_status)``. :func:`supervise` runs it
 and restarts it with exponential backoff when it fails, so one failing system actor (say, the
-persist actor hitting a full disk) is retried rather than taking the daemon down. Jobs are not
+disk writer hitting a full disk) is retried rather than taking the daemon down. Jobs are not
 supervised here: a job's failure ends that job (see :mod:`joblet.actors.job`).
 """
 

@@ -9,7 +9,7 @@ what is only in memory:
   is read a step at a time in a worker thread, so neither a 100 MB log nor a slow client makes
   the daemon hold more than a few MB for the call.
 - ``QueryMetrics`` reads ``<state>/metrics/<job_id>/metrics.jsonl.gz``
-  (:mod:`joblet.store.metrics`).
+  (:mod:`joblet.store.metricfiles`).
 
 A job is named by its id or a unique prefix of it, among the jobs the engine knows and the jobs
 with files on disk (a job of an earlier run whose record is gone still has its files until
@@ -39,7 +39,9 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
+from joblet.core.chunks import STDERR, STDOUT, STREAM_NAMES, STREAMS
 from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
+from joblet.core.lines import LineQuery, Lines
 from joblet.protocol import persist_grpc
 from joblet.protocol import persist_pb2 as pb
 from joblet.rpc.server import (
@@ -52,9 +54,8 @@ from joblet.rpc.server import (
     open_unix_listener,
 )
 from joblet.store.logfiles import job_log_dir
-from joblet.store.logindex import STDERR, STDOUT, STREAM_NAMES, STREAMS
-from joblet.store.loglines import LineQuery, Lines, LogLineReader
-from joblet.store.metrics import MetricRecord, metrics_path, read_metric_records
+from joblet.store.loglines import LogLineReader
+from joblet.store.metricfiles import MetricRecord, metrics_path, read_metric_records
 
 #: Metric types ``QueryMetrics`` accepts as a filter: the spec's four and the ones joblet samples.
 METRIC_TYPES: tuple[str, ...] = ("cpu", "memory", "io", "gpu", "network", "process")

@@ -16,6 +16,7 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
+from joblet.core.chunks import Chunk
 from joblet.core.errors import InvalidRequest, JobletError
 from joblet.core.model import JobInfo, JobSpec
 from joblet.core.validate import build_spec
@@ -24,7 +25,6 @@ from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc import auth, convert
 from joblet.rpc.server import Handler, Send, ServiceDef
-from joblet.store.logindex import Chunk
 
 #: Largest ``DataChunk`` payload GetJobLogs sends (bigger pieces of output are split).
 MAX_CHUNK = 64 * 1024
@@ -219,7 +219,7 @@ class JobService:
         """GetJobMetrics: every sample so far, then live samples until the job ends.
 
         One message per sample. A slow client never holds up the job's sampler: it catches up
-        from the stored samples (:mod:`joblet.actors.metrics`). If the client goes away the call
+        from the stored samples (:mod:`joblet.actors.sampler`). If the client goes away the call
         is cancelled, which closes the engine's follower.
         """
         job = self._engine.get(_job_ref(req.id))  # unknown or ambiguous: fail before streaming

@@ -1,8 +1,8 @@
 """Durable job metadata: an embedded SQLite database (stdlib ``sqlite3``, WAL).
 
 One row per job, keyed by its id, holding the latest :class:`~joblet.core.model.JobInfo` the daemon
-saved. The calls are synchronous and meant for a worker thread: the persist actor
-(:class:`joblet.actors.persist.PersistActor`) saves rows in batches off the event loop, and
+saved. The calls are synchronous and meant for a worker thread: the disk writer
+(:class:`joblet.actors.diskwriter.DiskWriter`) saves rows in batches off the event loop, and
 :func:`joblet.actors.root.open_node` loads them once at start-up.
 
 WAL with ``synchronous=NORMAL``: a committed transaction survives a crash of the daemon (it is in
@@ -78,7 +78,7 @@ def decode_spec(text: str) -> JobSpec:
 class JobDB:
     """The job table in ``path`` (created if missing).
 
-    Not thread-safe by itself: callers serialise access (the persist actor writes from one worker
+    Not thread-safe by itself: callers serialise access (the disk writer writes from one worker
     thread at a time); an internal lock guards against misuse.
 
     Args:

@@ -1,11 +1,11 @@
 """A job's log while the daemon runs: an append-only merged byte stream with live readers.
 
 :class:`JobLog` holds the recent part of a job's output in memory and hands every chunk to a
-persistence sink (the :class:`~joblet.actors.persist.PersistActor`), which writes batches to disk
-and reports back with :meth:`JobLog.mark_persisted`. Readers address the log by byte offset:
+sink (the :class:`~joblet.actors.diskwriter.DiskWriter`), which writes batches to disk and
+reports back with :meth:`JobLog.mark_written`. Readers address the log by byte offset:
 
 - :meth:`JobLog.read` returns what exists at an offset, or waits for it. Offsets inside the
-  in-memory window are served from memory; older offsets from the persisted files (in a worker
+  in-memory window are served from memory; older offsets from the log files (in a worker
   thread). A reader therefore never holds memory of its own and is never dropped, however far
   behind it is, and the job never waits for a reader.
 - Memory is bounded in two ways: data not yet on disk is charged to a :class:`LogBudget` shared by
@@ -17,23 +17,17 @@ and reports back with :meth:`JobLog.mark_persisted`. Readers address the log by 
 from __future__ import annotations
 
 import time
-from bisect import bisect_right
 from collections.abc import AsyncGenerator, Callable
-from operator import attrgetter
 from typing import Protocol
 
 import trio
 
+from joblet.core.chunks import STREAM_NAMES, Chunk
+from joblet.core.logwindow import DiskRead, LogWindow
 from joblet.store.logfiles import LogCorrupted, LogFileReader
-from joblet.store.logindex import STREAM_NAMES, Chunk
 
-#: Largest chunk stored: bigger appends are split, which bounds the size of a gzip member and so
-#: the work of a random read.
-MAX_CHUNK = 1 << 20
 #: Default ``max_bytes`` of :meth:`JobLog.read`: a good gRPC message size for log data.
 DEFAULT_READ_BYTES = 64 << 10
-
-_chunk_offset = attrgetter("offset")
 
 
 class LogBudget:
@@ -86,9 +80,9 @@ class LogBudget:
 
 
 class LogSink(Protocol):
-    """Where a :class:`JobLog` sends each new chunk to be persisted.
+    """Where a :class:`JobLog` sends each new chunk to be written to disk.
 
-    The sink must eventually call :meth:`JobLog.mark_persisted` for every chunk it was given, in
+    The sink must eventually call :meth:`JobLog.mark_written` for every chunk it was given, in
     order; until then the chunk's bytes stay charged to the budget.
     """
 
@@ -103,15 +97,19 @@ class _NoSink:
 
 
 class JobLog:
-    """One job's merged stdout/stderr log: append, persist, and read from any offset.
+    """One job's merged stdout/stderr log: append, write to disk, and read from any offset.
+
+    The decisions (chunking, what stays in memory, where a read is served from) are the
+    :class:`~joblet.core.logwindow.LogWindow`'s; this class adds the waiting, the memory budget
+    and the reads from disk.
 
     Args:
         job_id: The job's id (names its log directory).
-        persist: Receives every chunk for writing (the persist actor).
+        sink: Receives every chunk for writing (the disk writer).
         budget: Memory budget charged for chunks until they are on disk.
         window_bytes: How much of the end of the log stays in memory after it is on disk, for
             live readers.
-        reader: Makes the :class:`LogFileReader` for this job's persisted log (called once, when a
+        reader: Makes the :class:`LogFileReader` for this job's log files (called once, when a
             reader first needs data that has left memory).
     """
 
@@ -119,28 +117,19 @@ class JobLog:
         self,
         job_id: str,
         *,
-        persist: LogSink,
+        sink: LogSink,
         budget: LogBudget,
         window_bytes: int,
         reader: Callable[[], LogFileReader],
     ) -> None:
         self.job_id = job_id
-        self._persist = persist
+        self._sink = sink
         self._budget = budget
-        self._window = max(0, window_bytes)
+        self._window = LogWindow(window_bytes)
         self._reader_factory = reader
         self._reader: LogFileReader | None = None
-        # Chunks in memory are self._chunks[self._head:], contiguous, covering
-        # [self._mem_start, self._size).
-        self._chunks: list[Chunk] = []
-        self._head = 0
-        self._mem_start = 0
-        self._mem_bytes = 0
-        self._size = 0
-        self._persisted = 0
-        self._closed = False
         self._data_lot = trio.lowlevel.ParkingLot()
-        self._persisted_lot = trio.lowlevel.ParkingLot()
+        self._written_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def from_disk(cls, job_id: str, reader: Callable[[], LogFileReader]) -> JobLog:
@@ -151,41 +140,38 @@ class JobLog:
 
         Args:
             job_id: The job's id.
-            reader: Makes the reader of the job's persisted log.
+            reader: Makes the reader of the job's log files.
         """
         files = reader()
         size = await trio.to_thread.run_sync(files.verify_tail)
-        log = cls(
-            job_id, persist=_NoSink(), budget=LogBudget(0), window_bytes=0, reader=lambda: files
-        )
-        log._size = log._persisted = log._mem_start = size
-        log._closed = True
+        log = cls(job_id, sink=_NoSink(), budget=LogBudget(0), window_bytes=0, reader=lambda: files)
+        log._window = LogWindow.on_disk(size)
         return log
 
     @property
     def size(self) -> int:
         """Bytes in the merged log so far."""
-        return self._size
+        return self._window.size
 
     @property
     def closed(self) -> bool:
         """Whether the log has ended (no more appends)."""
-        return self._closed
+        return self._window.closed
 
     @property
-    def persisted(self) -> int:
+    def written(self) -> int:
         """Bytes of the merged log known to be on disk."""
-        return self._persisted
+        return self._window.written
 
     @property
     def memory_bytes(self) -> int:
         """Bytes of log data this log holds in memory."""
-        return self._mem_bytes
+        return self._window.memory_bytes
 
     @property
     def memory_start(self) -> int:
         """Offset of the oldest byte still in memory (reads before it go to disk)."""
-        return self._mem_start
+        return self._window.memory_start
 
     async def append(self, stream: int, data: bytes | bytearray | memoryview) -> None:
         """Add the job's output to the end of the log.
@@ -194,8 +180,8 @@ class JobLog:
         offset and timestamp when they are added, after that wait.
 
         Args:
-            stream: :data:`~joblet.store.logindex.STDOUT` or
-                :data:`~joblet.store.logindex.STDERR`.
+            stream: :data:`~joblet.core.chunks.STDOUT` or
+                :data:`~joblet.core.chunks.STDERR`.
             data: The bytes read from the job's pipe.
 
         Raises:
@@ -204,7 +190,7 @@ class JobLog:
         """
         if stream not in STREAM_NAMES:
             raise ValueError(f"unknown stream {stream}")
-        if self._closed:
+        if self._window.closed:
             raise trio.ClosedResourceError(f"log of job {self.job_id} is closed")
         # The chunk must not change under its readers: take an immutable copy of anything else.
         data = bytes(data)
@@ -213,48 +199,35 @@ class JobLog:
             await trio.lowlevel.checkpoint()
             return
         await self._budget.acquire(n)
-        if self._closed:
+        if self._window.closed:
             self._budget.release(n)
             raise trio.ClosedResourceError(f"log of job {self.job_id} is closed")
-        ts = time.time_ns()
-        for start in range(0, n, MAX_CHUNK):
-            piece = data if n <= MAX_CHUNK else data[start : start + MAX_CHUNK]
-            chunk = Chunk(self._size, stream, piece, ts)
-            self._chunks.append(chunk)
-            self._size += len(piece)
-            self._mem_bytes += len(piece)
-            self._persist.submit(self, chunk)
-        self._evict()
+        for chunk in self._window.append(stream, data, time.time_ns()):
+            self._sink.submit(self, chunk)
         self._data_lot.unpark_all()
 
     def close(self) -> None:
         """End the log: readers get end-of-log after the last byte. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._evict()
-        self._data_lot.unpark_all()
+        if self._window.close():
+            self._data_lot.unpark_all()
 
-    def mark_persisted(self, upto: int) -> None:
+    def mark_written(self, upto: int) -> None:
         """Record that the log is on disk up to merged offset ``upto`` (called by the sink).
 
         Releases the budget those bytes held and lets them leave memory once they are also
         outside the window.
         """
-        if upto <= self._persisted:
-            return
-        if upto > self._size:
-            raise ValueError(f"cannot persist up to {upto}: log {self.job_id} has {self._size}")
-        self._budget.release(upto - self._persisted)
-        self._persisted = upto
-        self._evict()
-        self._persisted_lot.unpark_all()
+        if upto > self._window.size:
+            raise ValueError(f"cannot mark written up to {upto}: log {self.job_id} has {self.size}")
+        if released := self._window.mark_written(upto):
+            self._budget.release(released)
+            self._written_lot.unpark_all()
 
-    async def wait_persisted(self, offset: int) -> None:
+    async def wait_written(self, offset: int) -> None:
         """Wait until the log is on disk up to ``offset`` (at most :attr:`size`)."""
         await trio.lowlevel.checkpoint()
-        while self._persisted < offset:
-            await self._persisted_lot.park()
+        while self._window.written < offset:
+            await self._written_lot.park()
 
     async def read(self, offset: int, max_bytes: int = DEFAULT_READ_BYTES) -> list[Chunk]:
         """The log from ``offset``: at least one chunk, up to ``max_bytes`` in all.
@@ -268,18 +241,15 @@ class JobLog:
 
         Raises:
             ValueError: ``offset`` is negative or ``max_bytes`` is not positive.
-            LogCorrupted: The persisted part of the log is missing or damaged.
+            LogCorrupted: The part of the log on disk is missing or damaged.
         """
-        if offset < 0 or max_bytes <= 0:
-            raise ValueError(f"bad read: offset {offset}, max_bytes {max_bytes}")
         await trio.lowlevel.checkpoint()
         while True:
-            if offset < self._size:
-                if offset >= self._mem_start:
-                    return self._read_memory(offset, max_bytes)
-                return await self._read_disk(offset, max_bytes)
-            if self._closed:
-                return []
+            where = self._window.read(offset, max_bytes)
+            if isinstance(where, DiskRead):
+                return await self._read_disk(where)
+            if where is not None:
+                return where
             await self._data_lot.park()
 
     async def follow(
@@ -298,67 +268,23 @@ class JobLog:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _read_memory(self, offset: int, max_bytes: int) -> list[Chunk]:
-        chunks = self._chunks
-        i = bisect_right(chunks, offset, lo=self._head, key=_chunk_offset) - 1
-        out: list[Chunk] = []
-        left = max_bytes
-        while left > 0 and i < len(chunks):
-            c = chunks[i]
-            skip = offset - c.offset
-            take = min(len(c.data) - skip, left)
-            if skip == 0 and take == len(c.data):
-                out.append(c)
-            else:
-                out.append(Chunk(offset, c.stream, c.data[skip : skip + take], c.ts_ns))
-            offset += take
-            left -= take
-            i += 1
-        return out
-
-    async def _read_disk(self, offset: int, max_bytes: int) -> list[Chunk]:
+    async def _read_disk(self, plan: DiskRead) -> list[Chunk]:
         if self._reader is None:
             self._reader = self._reader_factory()
         reader = self._reader
-        # Once this read reaches memory (or the end of a closed log, which is then all on disk),
-        # sequential reading moves on from the files: forget the members cached for it.
-        catch_up = self._mem_start
 
         def read() -> list[Chunk]:
-            chunks = reader.read(offset, max_bytes)
-            if chunks and chunks[-1].end >= catch_up:
+            chunks = reader.read(plan.offset, plan.max_bytes)
+            # Once this read reaches memory (or the end of a closed log, which is then all on
+            # disk), sequential reading moves on from the files: forget the members cached for it.
+            if chunks and chunks[-1].end >= plan.catch_up:
                 reader.drop_cache()
             return chunks
 
         chunks = await trio.to_thread.run_sync(read)
         if not chunks:
             raise LogCorrupted(
-                f"persisted log of job {self.job_id} ends before offset {offset} "
-                f"(persisted: {self._persisted})"
+                f"log files of job {self.job_id} end before offset {plan.offset} "
+                f"(written: {self._window.written})"
             )
         return chunks
-
-    def _evict(self) -> None:
-        """Drop chunks that are on disk and outside the window (all on-disk ones once closed)."""
-        if self._closed and self._persisted == self._size:
-            limit = self._size
-        else:
-            limit = min(self._persisted, self._size - self._window)
-        chunks = self._chunks
-        i = self._head
-        while i < len(chunks) and chunks[i].end <= limit:
-            self._mem_bytes -= len(chunks[i].data)
-            i += 1
-        if i == self._head:
-            return
-        if i == len(chunks):
-            chunks.clear()
-            i = 0
-        elif 2 * i >= len(chunks):
-            # Evicted chunks must leave the list, or their data stays referenced: with big
-            # chunks a few slots hold megabytes. Deleting only once they are at least half of
-            # the list keeps the cost amortised O(1) per chunk.
-            del chunks[:i]
-            i = 0
-        self._head = i
-        self._mem_start = chunks[i].offset if i < len(chunks) else self._size

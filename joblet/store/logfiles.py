@@ -30,11 +30,9 @@ from pathlib import Path
 
 import attrs
 
+from joblet.core.chunks import STREAM_NAMES, STREAMS, Chunk
 from joblet.store.logindex import (
     RECORD_SIZE,
-    STREAM_NAMES,
-    STREAMS,
-    Chunk,
     IndexRecord,
     RecordError,
     decode_record,
@@ -84,8 +82,8 @@ def job_log_dir(logs_dir: Path, job_id: str) -> Path:
 def delete_job_logs(logs_dir: Path, job_id: str) -> None:
     """Remove a job's persisted log; nothing happens if it has none.
 
-    The caller makes sure no writer is open for the job (see
-    :meth:`joblet.actors.persist.PersistActor.close_job`).
+    Only the disk writer calls it, the one writer of log files, which closes the job's writer
+    first (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
 
     Raises:
         ValueError: ``job_id`` is not a plain file name.

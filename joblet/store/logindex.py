@@ -1,7 +1,6 @@
-"""The job log's data model and on-disk index format (a pure codec: no I/O, no trio).
+"""The job log's on-disk index format (a pure codec: no I/O, no trio).
 
-A job's log is one *merged* byte stream: stdout and stderr chunks in arrival order. Each chunk
-knows its offset in the merged stream, which stream it came from and when it arrived. On disk the
+A job's log is one *merged* byte stream of chunks (:mod:`joblet.core.chunks`). On disk the
 two streams are kept apart (``stdout.log.gz``, ``stderr.log.gz``, each a sequence of gzip members)
 and a small index of fixed-size records, one per chunk, recovers the merged order, the timestamps
 and where to find each chunk's bytes::
@@ -31,14 +30,7 @@ import zlib
 
 import attrs
 
-#: Stream id of the job's standard output.
-STDOUT = 1
-#: Stream id of the job's standard error.
-STDERR = 2
-#: Every stream id, in file-name order.
-STREAMS: tuple[int, ...] = (STDOUT, STDERR)
-#: File name prefix of each stream's gzip file (``<name>.log.gz``).
-STREAM_NAMES: dict[int, str] = {STDOUT: "stdout", STDERR: "stderr"}
+from joblet.core.chunks import STREAM_NAMES
 
 #: Version byte of the record layout below.
 RECORD_VERSION = 1
@@ -49,34 +41,12 @@ RECORD_SIZE = _BODY.size + _CRC.size
 
 
 @attrs.frozen
-class Chunk:
-    """A contiguous piece of one stream's output, placed in the merged log.
-
-    Attributes:
-        offset: Offset of the first byte in the merged (stdout + stderr) stream.
-        stream: :data:`STDOUT` or :data:`STDERR`.
-        data: The bytes, exactly as the job wrote them.
-        ts_ns: When the daemon read them, in ns since the Unix epoch.
-    """
-
-    offset: int
-    stream: int
-    data: bytes
-    ts_ns: int
-
-    @property
-    def end(self) -> int:
-        """Merged offset just past the last byte."""
-        return self.offset + len(self.data)
-
-
-@attrs.frozen
 class IndexRecord:
     """One chunk's entry in a job's log index (see the module docstring for the layout).
 
     Attributes:
         merged_offset: Offset of the chunk in the merged stream.
-        stream: :data:`STDOUT` or :data:`STDERR`.
+        stream: :data:`~joblet.core.chunks.STDOUT` or :data:`~joblet.core.chunks.STDERR`.
         stream_offset: Offset of the chunk in its own stream.
         length: Chunk length in bytes.
         ts_ns: Arrival time in ns since the Unix epoch.

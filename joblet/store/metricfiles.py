@@ -116,7 +116,8 @@ def metrics_path(metrics_dir: Path, job_id: str) -> Path:
 def delete_job_metrics(metrics_dir: Path, job_id: str) -> None:
     """Remove a job's persisted metrics; nothing happens if it has none.
 
-    The caller makes sure the job's sampler has ended (it writes until the job has ended).
+    Only the disk writer calls it, the one writer of metrics files, after the job's queued writes
+    (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
 
     Raises:
         ValueError: ``job_id`` is not a plain file name.

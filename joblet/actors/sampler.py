@@ -5,9 +5,10 @@ A :class:`JobSampler` belongs to one :class:`~joblet.actors.job.JobActor`. Its
 the job runs, then one
 every ``metrics.interval``, and a last one when the job has ended (its processes are gone but its
 cgroup, with the final totals, is still there). Each sample is read in a worker thread (cgroup and
-``/proc`` files), handed to the live followers, and written to ``<state>/metrics/<job_id>/
-metrics.jsonl.gz`` (:mod:`joblet.store.metrics`) in a worker thread, one gzip member per flush: at
-most every :data:`FLUSH_INTERVAL` seconds, and at the job's end.
+``/proc`` files), handed to the live followers, and written to
+``<state>/metrics/<job_id>/metrics.jsonl.gz`` (:mod:`joblet.store.metricfiles`) by the disk writer
+(:meth:`~joblet.actors.diskwriter.DiskWriter.write_metrics`, which also deletes it), one gzip
+member per flush: at most every :data:`FLUSH_INTERVAL` seconds, and at the job's end.
 
 The :class:`MetricsHub` knows the samplers of running jobs; :meth:`MetricsHub.follow` gives every
 sample of a job: for a running job what is stored, then live samples until the job ends; for any
@@ -33,9 +34,10 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.diskwriter import DiskWriter
 from joblet.config import MetricsSection
 from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
-from joblet.store.metrics import MetricsWriter, metrics_path, read_metric_records
+from joblet.store.metricfiles import metrics_path, read_metric_records
 from joblet.sys import procfs
 from joblet.sys.cgroups import CgroupDriver
 
@@ -64,15 +66,23 @@ class MetricsHub:
     """The metrics of every job: samplers of running jobs, stored samples of all.
 
     Args:
-        metrics_dir: Where each job's metrics directory is (``<state>/metrics``).
+        metrics_dir: Where each job's metrics directory is (``<state>/metrics``), for reading.
         config: The ``metrics:`` section.
         driver: The cgroup driver the samplers read jobs' groups through.
+        disk_writer: Writes the samplers' metrics files (into ``metrics_dir``).
     """
 
-    def __init__(self, metrics_dir: Path, config: MetricsSection, driver: CgroupDriver) -> None:
+    def __init__(
+        self,
+        metrics_dir: Path,
+        config: MetricsSection,
+        driver: CgroupDriver,
+        disk_writer: DiskWriter,
+    ) -> None:
         self.metrics_dir = metrics_dir
         self._config = config
         self._driver = driver
+        self._disk_writer = disk_writer
         self._live: dict[str, JobSampler] = {}
 
     def sampler(self, job_id: str, *, own_network: bool) -> JobSampler:
@@ -124,14 +134,15 @@ class MetricsHub:
 class JobSampler:
     """Samples one job's resource usage while it runs and hands the samples out.
 
-    Made by :meth:`MetricsHub.sampler`. Owns the job's metrics writer while :meth:`run` runs,
-    and the send side of every live follower's channel.
+    Made by :meth:`MetricsHub.sampler`. Owns the send side of every live follower's channel; the
+    disk writer writes its samples.
     """
 
     def __init__(self, hub: MetricsHub, job_id: str, *, own_network: bool) -> None:
         self.job_id = job_id
         self._hub = hub
         self._driver = hub._driver
+        self._disk_writer = hub._disk_writer
         self._interval = hub._config.interval
         self._enabled = hub._config.enabled
         self._own_network = own_network
@@ -145,7 +156,8 @@ class JobSampler:
         #: Samples not yet written, oldest first.
         self._pending: list[MetricsSample] = []
         self._followers: set[_Follower] = set()
-        self._writer: MetricsWriter | None = None
+        # Whether the disk writer has written samples of this job (and so has a file to sync).
+        self._wrote = False
         self._last_flush = -math.inf
         self._failures: set[str] = set()
         self._closed = False
@@ -178,9 +190,8 @@ class JobSampler:
                     await self._sample()
                     await self._flush()
                     await self._close_writer()
-                if self._writer is not None:  # out of time: release it without waiting
-                    self._writer.close(fsync=False)
-                    self._writer = None
+                # Out of time, the disk writer keeps the file's writer (it holds no open file)
+                # until the job is deleted or the daemon stops.
                 self.close()
 
     def close(self) -> None:
@@ -279,11 +290,10 @@ class JobSampler:
             return
         batch = list(self._pending)
         records = [r for sample in batch for r in sample.records()]
+        # Even a failed write may leave the disk writer with the file's writer: close it at the end.
+        self._wrote = True
         try:
-            if self._writer is None:
-                path = metrics_path(self._hub.metrics_dir, self.job_id)
-                self._writer = await trio.to_thread.run_sync(MetricsWriter, path)
-            await trio.to_thread.run_sync(self._writer.append, records)
+            await self._disk_writer.write_metrics(self.job_id, records)
         except (OSError, ValueError) as e:
             self._report("job metrics could not be written", e)
             return
@@ -291,14 +301,13 @@ class JobSampler:
         del self._pending[: len(batch)]
 
     async def _close_writer(self) -> None:
-        writer = self._writer
-        if writer is None:
+        if not self._wrote:
             return
         try:
-            await trio.to_thread.run_sync(writer.close)
+            await self._disk_writer.close_metrics(self.job_id)
         except OSError as e:
             self._report("job metrics file could not be closed", e)
-        self._writer = None
+        self._wrote = False
 
     def _report(self, message: str, error: Exception) -> None:
         """Log a failure once per kind, so a lasting one does not flood the log."""
