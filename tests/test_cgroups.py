@@ -28,6 +28,7 @@ import trio
 
 from joblet.config import CgroupSection
 from joblet.core.model import Limits
+from joblet.sys import cgroups
 from joblet.sys.cgroups import (
     MEMORY_HIGH_PERCENT,
     CgroupDriver,
@@ -99,7 +100,8 @@ def module_driver(request: pytest.FixtureRequest) -> Iterator[CgroupDriver]:
         raise
     driver.setup()
     yield driver
-    driver.teardown()
+    # A module-scoped fixture ends outside any test's event loop: teardown gets one of its own.
+    trio.run(driver.teardown)
     assert [p for p in driver.parent_dirs() if p.exists()] == [], "parent group left behind"
 
 
@@ -133,7 +135,7 @@ class Jobs:
     async def finish(self, job_id: str) -> None:
         """Kill what is left of the job and remove its group, as the daemon does."""
         await self.driver.kill_all(job_id, 5)
-        self.driver.remove(job_id)
+        await self.driver.remove(job_id)
 
 
 class Lines:
@@ -168,7 +170,7 @@ async def jobs(module_driver: CgroupDriver) -> AsyncIterator[Jobs]:
     with trio.move_on_after(10):
         for name in driver.job_groups():
             await driver.kill_all(name, 5)
-            driver.remove(name)
+            await driver.remove(name)
         for proc in helper.processes:
             if proc.returncode is None:
                 proc.kill()
@@ -286,8 +288,8 @@ def test_block_devices_are_the_hosts_real_disks() -> None:
 
 
 # --- create / apply / remove ----------------------------------------------------------------
-# These only touch cgroupfs synchronously and never reach a checkpoint, so a fail_after could
-# not fire in them; the fixture's asynchronous cleanup is bounded there.
+# These touch cgroupfs synchronously up to the removal, so a fail_after could not fire in
+# them; the fixture's asynchronous cleanup is bounded there.
 
 
 async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None:
@@ -344,11 +346,11 @@ async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None
     assert stats.pids_current == 0
     assert (stats.memory_limit, stats.pids_limit, stats.oom_kills) == (64 * MIB, 20, 0)
 
-    driver.remove(job_id)
+    await driver.remove(job_id)
     assert driver.job_groups() == []
     for parent in driver.parent_dirs():
         assert not (parent / job_id).exists()
-    driver.remove(job_id)  # a missing group is not an error
+    await driver.remove(job_id)  # a missing group is not an error
 
 
 async def test_zero_limits_mean_unlimited(jobs: Jobs) -> None:
@@ -369,7 +371,7 @@ async def test_zero_limits_mean_unlimited(jobs: Jobs) -> None:
         if (group / "io.max").exists():
             assert _read(group / "io.max") == ""
     assert (driver.stats(job_id).memory_limit, driver.stats(job_id).pids_limit) == (0, 0)
-    driver.remove(job_id)
+    await driver.remove(job_id)
 
 
 async def test_failed_create_leaves_nothing(jobs: Jobs) -> None:
@@ -542,7 +544,7 @@ async def test_pids_max_stops_a_fork_loop_and_kill_all_empties_the_group(jobs: J
         await jobs.driver.kill_all(job_id, 5)
         assert jobs.driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
 
 
 # --- killing ----------------------------------------------------------------------------------
@@ -562,7 +564,7 @@ async def test_kill_all_kills_background_and_setsid_processes(jobs: Jobs) -> Non
         assert jobs.driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
         await wait_exited(pids)
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
         assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] == []
 
 
@@ -578,7 +580,7 @@ async def test_signal_all_reaches_every_process(jobs: Jobs) -> None:
         # None of them ignores SIGTERM: all die of it, grandchildren included, without kill_all.
         await wait_exited(pids)
         assert jobs.driver.pids(job_id) == []
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
 
 
 async def test_kill_all_out_of_time_names_the_survivors(jobs: Jobs) -> None:
@@ -622,7 +624,7 @@ async def test_kill_all_stops_a_fork_bomb(
         await driver.kill_all(job_id, 10)
         assert driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
-        driver.remove(job_id)
+        await driver.remove(job_id)
 
 
 @pytest.fixture
@@ -658,7 +660,7 @@ async def test_v2_setup_moves_the_daemon_out_of_the_groups_it_needs() -> None:
             assert _own_v2_group() == f"/{parent}/joblet-daemon"
             driver.create("job-1", Limits())
             assert driver.job_groups() == ["job-1"]
-            driver.remove("job-1")
+            await driver.remove("job-1")
             # Undo setup's work, so a process may join the group itself again.
             _move_self(home)
             (group / "joblet-daemon").rmdir()
@@ -708,7 +710,40 @@ async def _run_in_group(group: Path, *, task_status: trio.TaskStatus[int]) -> No
 async def test_kill_all_and_remove_of_a_missing_group_do_nothing(jobs: Jobs) -> None:
     with trio.fail_after(5):
         await jobs.driver.kill_all("job-never-created", 1)
-        jobs.driver.remove("job-never-created")
+        await jobs.driver.remove("job-never-created")
         assert jobs.driver.pids("job-never-created") == []
         with pytest.raises(FileNotFoundError):
             jobs.driver.stats("job-never-created")
+
+
+async def test_remove_retries_a_busy_group_while_other_tasks_run(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group that is still busy is retried without holding up the event loop: here the task
+    that empties it runs between the attempts, and the removal then succeeds."""
+    # Retries for far longer than the test needs: only a blocked loop could exhaust them.
+    monkeypatch.setattr(cgroups, "RMDIR_ATTEMPTS", 5_000)
+    attempts: list[bool] = []
+    first_busy = trio.Event()
+    try_rmdir = cgroups._try_rmdir
+
+    def spy(group: Path) -> bool:
+        gone = try_rmdir(group)
+        attempts.append(gone)
+        if not gone:
+            first_busy.set()
+        return gone
+
+    monkeypatch.setattr(cgroups, "_try_rmdir", spy)
+    with trio.fail_after(20):
+        job_id = jobs.create(Limits())
+        proc, _ = await jobs.start(job_id, "sleep", "60")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(jobs.driver.remove, job_id)
+            await first_busy.wait()
+            # The removal is under way and the group still there: this task empties it.
+            assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] != []
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+        assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] == []
+        assert attempts.count(False) >= 1 and attempts[-1] is True

@@ -319,7 +319,7 @@ class JobActor:
                 await self._kill_all()
         self.metrics.close()
         try:
-            ctx.driver.remove(self.id)
+            await ctx.driver.remove(self.id)
         except OSError as e:
             logfmt.error("job cgroup could not be removed", jobId=self.id, error=str(e))
         await trio.to_thread.run_sync(shutil.rmtree, job_dir, True)

@@ -9,7 +9,8 @@ can start outside its limits.
 
 No limit is ever silently dropped: a limit that needs a controller the host does not offer makes
 :meth:`CgroupDriver.create` fail. Everything here is synchronous file I/O on cgroupfs (which does
-not block), except :meth:`CgroupDriver.kill_all`, which waits for the kernel and so is async.
+not block), except what may wait: :meth:`CgroupDriver.kill_all` and :meth:`CgroupDriver.remove`
+wait for the kernel, and walks of a group tree run in a worker thread, so they are async.
 
 Example::
 
@@ -20,7 +21,7 @@ Example::
     ...
     await driver.kill_all(job_id, timeout=5.0)
     oom = driver.oom_killed(job_id)
-    driver.remove(job_id)
+    await driver.remove(job_id)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import os
 import posixpath
 import re
 import signal
-import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -269,7 +269,7 @@ class CgroupDriver(abc.ABC):
         _check_job_id(job_id)
         return [p / job_id for p in self.parent_dirs()]
 
-    def teardown(self) -> None:
+    async def teardown(self) -> None:
         """Remove the parent group(s), for a daemon (or test harness) that leaves for good.
 
         Job groups still present are removed first; missing groups are not an error.
@@ -277,13 +277,13 @@ class CgroupDriver(abc.ABC):
         Raises:
             OSError: A group still holds processes (kill the jobs first).
         """
-        for name in self.job_groups():
-            self.remove(name)
+        for name in await trio.to_thread.run_sync(self.job_groups):
+            await self.remove(name)
         for parent in self.parent_dirs():
             if (parent / DAEMON_LEAF).exists():
                 # We live in there (see V2Driver.setup): the parent has to stay.
                 continue
-            _rmdir(parent)
+            await _rmdir(parent)
 
     def job_groups(self) -> list[str]:
         """Names of the job groups that exist under the parent (for recovery after a restart)."""
@@ -332,7 +332,7 @@ class CgroupDriver(abc.ABC):
         """
         deadline = trio.current_time() + timeout
         next_round = -math.inf
-        while left := self.pids(job_id):
+        while left := await trio.to_thread.run_sync(self.pids, job_id):
             now = trio.current_time()
             if now >= deadline:
                 raise TimeoutError(
@@ -361,8 +361,7 @@ class CgroupDriver(abc.ABC):
                 if trio.current_time() >= freeze_deadline:
                     break
                 await trio.sleep(KILL_POLL_INTERVAL)
-            for pid in self.pids(job_id):
-                self._send(job_id, pid, signal.SIGKILL)
+            await trio.to_thread.run_sync(self.signal_all, job_id, signal.SIGKILL)
         finally:
             # Even when cancelled: a group left frozen would hold its processes forever.
             try:
@@ -370,15 +369,18 @@ class CgroupDriver(abc.ABC):
             except FileNotFoundError:
                 pass
 
-    def remove(self, job_id: str) -> None:
+    async def remove(self, job_id: str) -> None:
         """Remove the job's group(s), sub-groups first. A missing group is not an error.
+
+        A group whose last process is still exiting is busy for a moment: its removal is retried
+        (:data:`RMDIR_ATTEMPTS`) while other tasks run.
 
         Raises:
             OSError: A group still holds processes (EBUSY): call :meth:`kill_all` first.
         """
         for top in self._job_dirs(job_id):
-            for d in reversed(_tree(top)):
-                _rmdir(d)
+            for d in reversed(await trio.to_thread.run_sync(_tree, top)):
+                await _rmdir(d)
 
     def _send(self, job_id: str, pid: int, sig: int) -> None:
         """Signal ``pid`` only if it is still a member of the job's group.
@@ -1075,25 +1077,50 @@ def _tree(top: Path) -> list[Path]:
     return found
 
 
-def _rmdir(group: Path) -> None:
-    """Remove an empty group; missing is fine, EBUSY is retried briefly."""
-    for attempt in range(RMDIR_ATTEMPTS):
-        try:
-            group.rmdir()
+async def _rmdir(group: Path) -> None:
+    """Remove an empty group; missing is fine, EBUSY is retried briefly.
+
+    Between attempts the loop runs other tasks (a worker thread would hold a thread token for
+    the whole wait and could not be cancelled); each attempt is one rmdir(2) on cgroupfs, which
+    never waits for a disk.
+
+    Raises:
+        OSError: EBUSY after :data:`RMDIR_ATTEMPTS` attempts, or any other error at once.
+    """
+    for _ in range(RMDIR_ATTEMPTS - 1):
+        if _try_rmdir(group):
             return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY or attempt == RMDIR_ATTEMPTS - 1:
-                raise
         # The last task may still be leaving the group (its exit is not complete yet).
-        time.sleep(RMDIR_RETRY_DELAY)
+        await trio.sleep(RMDIR_RETRY_DELAY)
+    if not _try_rmdir(group):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(group))
+
+
+def _try_rmdir(group: Path) -> bool:
+    """One attempt to remove an empty group: True once it is gone, False while it is busy.
+
+    Raises:
+        OSError: Anything but EBUSY (a missing group counts as gone).
+    """
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return False
+    return True
 
 
 def _rmdir_quietly(group: Path) -> None:
-    """Undo a half-made group; the error that made us undo it is the one to report."""
+    """Undo a half-made group; the error that made us undo it is the one to report.
+
+    One attempt, no retry: no process has joined a group that is still being made, so it is
+    never busy.
+    """
     try:
-        _rmdir(group)
+        _try_rmdir(group)
     except OSError:
         pass
 
