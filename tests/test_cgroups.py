@@ -28,7 +28,6 @@ import trio
 
 from joblet.config import CgroupSection
 from joblet.core.model import Limits
-from joblet.sys import cgroups
 from joblet.sys.cgroups import (
     MEMORY_HIGH_PERCENT,
     CgroupDriver,
@@ -36,7 +35,9 @@ from joblet.sys.cgroups import (
     V1Driver,
     V2Driver,
     detect_driver,
+    files,
     format_cpu_list,
+    parse,
     parse_cpu_list,
 )
 from joblet.sys.devices import block_device_numbers, block_devices, disk_for_path
@@ -254,6 +255,150 @@ def test_cpu_lists() -> None:
     for bad in ("", "a", "1-", "2-1", "1,,2"):
         with pytest.raises(ValueError, match="invalid cpu list"):
             parse_cpu_list(bad)
+
+
+# --- parsers: a file's text in, numbers out ------------------------------------------------
+
+
+def test_flat_keyed_and_int_or() -> None:
+    assert parse.flat_keyed("usage_usec 120\nnr_periods 3\nbogus x\n") == {
+        "usage_usec": 120,
+        "nr_periods": 3,
+        "bogus": 0,
+    }
+    assert [parse.int_or(t) for t in ("42\n", "max\n", "", " 7 ")] == [42, 0, 0, 7]
+    assert parse.pid_list("12\n7\n") == [12, 7]
+    assert parse.pid_list("") == []
+
+
+def test_v2_stats_from_file_texts() -> None:
+    texts = {
+        "cpu.stat": "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 10\n"
+        "nr_throttled 4\nthrottled_usec 900\n",
+        "memory.stat": "anon 4096\nfile 8192\npgfault 11\npgmajfault 2\nshmem 0\n",
+        # Two devices, one with fields we do not use.
+        "io.stat": "254:0 rbytes=100 wbytes=200 rios=1 wios=2 dbytes=0 dios=0\n"
+        "8:0 rbytes=10 wbytes=20 rios=3 wios=4\n",
+        "memory.current": "12288\n",
+        "memory.peak": "16384\n",
+        "memory.max": "max\n",
+        "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        "pids.current": "2\n",
+        "pids.max": "20\n",
+    }
+    assert parse.v2_stats(texts) == parse.CgroupStats(
+        cpu_usage_usec=5000,
+        cpu_user_usec=3000,
+        cpu_system_usec=2000,
+        nr_periods=10,
+        nr_throttled=4,
+        throttled_usec=900,
+        memory_current=12288,
+        memory_peak=16384,
+        memory_anon=4096,
+        memory_file=8192,
+        pgfault=11,
+        pgmajfault=2,
+        io_read_bytes=110,
+        io_write_bytes=220,
+        io_read_ops=4,
+        io_write_ops=6,
+        pids_current=2,
+        memory_limit=0,
+        oom_kills=1,
+        pids_limit=20,
+    )
+    # A kernel without memory.peak or io (files missing) reports zeros there.
+    assert parse.v2_stats({}) == parse.CgroupStats()
+
+
+def test_v1_stats_from_file_texts() -> None:
+    texts = {
+        "cpu.stat": "nr_periods 10\nnr_throttled 4\nthrottled_time 9000\n",
+        "cpuacct.usage": "5000000\n",
+        "cpuacct.usage_user": "3000000\n",
+        "cpuacct.usage_sys": "2000000\n",
+        "cpuacct.stat": "user 999\nsystem 999\n",
+        "memory.stat": "rss 1\ncache 1\ntotal_rss 4096\ntotal_cache 8192\n"
+        "total_pgfault 11\ntotal_pgmajfault 2\n",
+        "memory.usage_in_bytes": "12288\n",
+        "memory.max_usage_in_bytes": "16384\n",
+        # "Unlimited": PAGE_COUNTER_MAX pages, in bytes.
+        "memory.limit_in_bytes": "9223372036854771712\n",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        "blkio.throttle.io_service_bytes_recursive": "254:0 Read 100\n254:0 Write 200\n"
+        "254:0 Sync 300\n254:0 Total 300\n8:0 Read 10\n8:0 Write 20\nTotal 330\n",
+        "blkio.throttle.io_service_bytes": "254:0 Read 1\n254:0 Write 1\n",
+        # An empty recursive file: the plain one counts.
+        "blkio.throttle.io_serviced_recursive": "",
+        "blkio.throttle.io_serviced": "254:0 Read 3\n254:0 Write 5\nTotal 8\n",
+        "pids.current": "2\n",
+        "pids.max": "max\n",
+    }
+    assert parse.v1_stats(texts, clock_ticks=100) == parse.CgroupStats(
+        cpu_usage_usec=5000,
+        cpu_user_usec=3000,
+        cpu_system_usec=2000,
+        nr_periods=10,
+        nr_throttled=4,
+        throttled_usec=9,
+        memory_current=12288,
+        memory_peak=16384,
+        memory_anon=4096,
+        memory_file=8192,
+        pgfault=11,
+        pgmajfault=2,
+        io_read_bytes=110,
+        io_write_bytes=220,
+        io_read_ops=3,
+        io_write_ops=5,
+        pids_current=2,
+        memory_limit=0,
+        oom_kills=2,
+        pids_limit=0,
+    )
+    # Before Linux 4.6 there is no cpuacct.usage_user: cpuacct.stat counts clock ticks.
+    old_kernel = {"cpuacct.usage": "5000000\n", "cpuacct.stat": "user 30\nsystem 20\n"}
+    stats = parse.v1_stats(old_kernel, clock_ticks=100)
+    assert (stats.cpu_usage_usec, stats.cpu_user_usec, stats.cpu_system_usec) == (
+        5000,
+        300_000,
+        200_000,
+    )
+    assert parse.v1_stats({"memory.limit_in_bytes": "67108864\n"}, clock_ticks=100) == (
+        parse.CgroupStats(memory_limit=64 * MIB)
+    )
+
+
+def test_proc_cgroup_and_mountinfo() -> None:
+    v1 = "12:pids:/joblet/job-1\n4:cpu,cpuacct:/joblet/job-1\n1:name=systemd:/\n0::/\n"
+    assert parse.proc_cgroup(v1) == {
+        "pids": "/joblet/job-1",
+        "cpu,cpuacct": "/joblet/job-1",
+        "name=systemd": "/",
+        "": "/",
+    }
+    assert parse.proc_cgroup("0::/joblet/job-1\n") == {"": "/joblet/job-1"}
+    text = (
+        "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:12 - cgroup cgroup "
+        "rw,cpu,cpuacct\n"
+        "31 25 0:27 /sub /sys/fs/cgroup/my\\040dir rw - cgroup2 cgroup2 rw,nsdelegate\n"
+        "garbage line\n"
+    )
+    assert parse.mountinfo(text) == [
+        parse.Mount(
+            point="/sys/fs/cgroup/cpu,cpuacct",
+            root="/",
+            fstype="cgroup",
+            options=frozenset({"rw", "cpu", "cpuacct"}),
+        ),
+        parse.Mount(
+            point="/sys/fs/cgroup/my dir",
+            root="/sub",
+            fstype="cgroup2",
+            options=frozenset({"rw", "nsdelegate"}),
+        ),
+    ]
 
 
 def test_block_devices_skip_virtual_and_empty_disks(tmp_path: Path) -> None:
@@ -722,10 +867,10 @@ async def test_remove_retries_a_busy_group_while_other_tasks_run(
     """A group that is still busy is retried without holding up the event loop: here the task
     that empties it runs between the attempts, and the removal then succeeds."""
     # Retries for far longer than the test needs: only a blocked loop could exhaust them.
-    monkeypatch.setattr(cgroups, "RMDIR_ATTEMPTS", 5_000)
+    monkeypatch.setattr(files, "RMDIR_ATTEMPTS", 5_000)
     attempts: list[bool] = []
     first_busy = trio.Event()
-    try_rmdir = cgroups._try_rmdir
+    try_rmdir = files.try_rmdir
 
     def spy(group: Path) -> bool:
         gone = try_rmdir(group)
@@ -734,7 +879,7 @@ async def test_remove_retries_a_busy_group_while_other_tasks_run(
             first_busy.set()
         return gone
 
-    monkeypatch.setattr(cgroups, "_try_rmdir", spy)
+    monkeypatch.setattr(files, "try_rmdir", spy)
     with trio.fail_after(20):
         job_id = jobs.create(Limits())
         proc, _ = await jobs.start(job_id, "sleep", "60")
