@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from joblet.config import CgroupSection
+from joblet.core.cpus import CpuListError, format_cpu_list, parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import (
     MEMORY_HIGH_PERCENT,
@@ -36,9 +37,7 @@ from joblet.sys.cgroups import (
     V2Driver,
     detect_driver,
     files,
-    format_cpu_list,
     parse,
-    parse_cpu_list,
 )
 from joblet.sys.devices import block_device_numbers, block_devices, disk_for_path
 from tests.conftest import IN_CI, require_root
@@ -250,11 +249,16 @@ def test_bad_driver_config_is_refused() -> None:
 
 def test_cpu_lists() -> None:
     assert parse_cpu_list("0-2,4") == {0, 1, 2, 4}
-    assert parse_cpu_list("3\n") == {3}
+    assert parse_cpu_list("3") == {3}
     assert format_cpu_list({0, 1, 2, 4, 6, 7}) == "0-2,4,6-7"
-    for bad in ("", "a", "1-", "2-1", "1,,2"):
-        with pytest.raises(ValueError, match="invalid cpu list"):
+    assert format_cpu_list(parse_cpu_list("0-3,5,7-8")) == "0-3,5,7-8"
+    # Strict: the kernel's trailing newline is stripped by the caller; only ASCII digits.
+    for bad in ("", "a", "1-", "1,,2", "3\n", " 3", "\u0663"):
+        with pytest.raises(CpuListError, match="invalid cpu list") as info:
             parse_cpu_list(bad)
+        assert (info.value.text, info.value.problem) == (bad, "expected e.g. '0-1' or '0,2'")
+    with pytest.raises(ValueError, match=r"invalid cpu list '0,2-1' \(range 2-1 is backwards\)"):
+        parse_cpu_list("0,2-1")
 
 
 # --- parsers: a file's text in, numbers out ------------------------------------------------

@@ -37,7 +37,7 @@ from joblet.sys.cgroups.driver import (
     CgroupUnavailable,
     detect_driver,
 )
-from joblet.sys.cgroups.parse import CgroupStats, format_cpu_list, parse_cpu_list
+from joblet.sys.cgroups.parse import CgroupStats
 from joblet.sys.cgroups.v1 import Hierarchy, V1Driver
 from joblet.sys.cgroups.v2 import MEMORY_HIGH_PERCENT, V2Driver
 
@@ -52,6 +52,4 @@ __all__ = [
     "V1Driver",
     "V2Driver",
     "detect_driver",
-    "format_cpu_list",
-    "parse_cpu_list",
 ]

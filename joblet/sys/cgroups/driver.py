@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from joblet.config import CgroupSection
+from joblet.core.cpus import format_cpu_list, parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
 from joblet.sys.cgroups.parse import CgroupStats
@@ -364,15 +365,15 @@ class CgroupDriver(abc.ABC):
                     "cpu_cores needs the cpuset cgroup controller, which this host does not offer"
                 )
             try:
-                wanted = parse.parse_cpu_list(limits.cpu_cores)
+                wanted = parse_cpu_list(limits.cpu_cores.strip())
             except ValueError as e:
                 raise ValueError(f"invalid cpu_cores: {e}") from None
             available = self.available_cpus()
             if not wanted <= available:
                 raise ValueError(
                     f"invalid cpu_cores {limits.cpu_cores!r}: CPUs "
-                    f"{parse.format_cpu_list(wanted - available)} are not available on "
-                    f"this host (available: {parse.format_cpu_list(available)})"
+                    f"{format_cpu_list(wanted - available)} are not available on "
+                    f"this host (available: {format_cpu_list(available)})"
                 )
 
 

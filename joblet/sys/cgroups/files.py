@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from joblet.core.cpus import parse_cpu_list
 from joblet.sys.cgroups import parse
 
 #: ``rmdir`` of a group whose last task is still being torn down can fail with EBUSY for a moment.
@@ -146,4 +147,4 @@ def mounts() -> list[parse.Mount]:
 def online_cpus() -> set[int]:
     """The host's online CPUs (those we may run on, if the kernel does not say)."""
     text = read_or(Path("/sys/devices/system/cpu/online")).strip()
-    return parse.parse_cpu_list(text) if text else set(os.sched_getaffinity(0))
+    return parse_cpu_list(text) if text else set(os.sched_getaffinity(0))

@@ -10,13 +10,12 @@ as the kernel's files differ between versions and configurations. :func:`v1_stat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import attrs
 
 #: v1 shows an unlimited memory limit as a huge number (about 2**63, rounded down to pages).
 V1_UNLIMITED = 1 << 62
-_CPU_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 _IO_STAT_KEYS = ("rbytes", "wbytes", "rios", "wios")
 
 
@@ -264,33 +263,3 @@ def v1_stats(texts: Mapping[str, str], *, clock_ticks: int) -> CgroupStats:
         oom_kills=flat_keyed(text("memory.oom_control")).get("oom_kill", 0),
         pids_limit=int_or(text("pids.max")),
     )
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """Parse a kernel CPU list such as ``"0-2,4"``.
-
-    Raises:
-        ValueError: The text is not a CPU list.
-    """
-    text = text.strip()
-    if not _CPU_LIST.fullmatch(text):
-        raise ValueError(f"invalid cpu list {text!r} (expected e.g. '0-1' or '0,2')")
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        first, last = int(lo), int(hi or lo)
-        if last < first:
-            raise ValueError(f"invalid cpu list {text!r} (range {part} is backwards)")
-        cpus.update(range(first, last + 1))
-    return cpus
-
-
-def format_cpu_list(cpus: Iterable[int]) -> str:
-    """Format CPUs the kernel's way (``{0, 1, 2, 4}`` -> ``"0-2,4"``)."""
-    ranges: list[list[int]] = []
-    for cpu in sorted(cpus):
-        if ranges and ranges[-1][1] == cpu - 1:
-            ranges[-1][1] = cpu
-        else:
-            ranges.append([cpu, cpu])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import attrs
 
 from joblet.config import CgroupSection
+from joblet.core.cpus import parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
 from joblet.sys.cgroups.driver import (
@@ -216,7 +217,7 @@ class V1Driver(CgroupDriver):
         for d in (top / self._parent, top):
             text = files.read_or(d / "cpuset.effective_cpus") or files.read_or(d / "cpuset.cpus")
             if text.strip():
-                return parse.parse_cpu_list(text.strip())
+                return parse_cpu_list(text.strip())
         return files.online_cpus()
 
     def _kill_files(self, job_id: str) -> KillFiles:

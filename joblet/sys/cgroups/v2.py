@@ -8,6 +8,7 @@ import posixpath
 from pathlib import Path, PurePosixPath
 
 from joblet.config import CgroupSection
+from joblet.core.cpus import parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
 from joblet.sys.cgroups.driver import (
@@ -210,7 +211,7 @@ class V2Driver(CgroupDriver):
         for d in (self._root / self._parent, self._root):
             text = files.read_or(d / "cpuset.cpus.effective").strip()
             if text:
-                return parse.parse_cpu_list(text)
+                return parse_cpu_list(text)
         return files.online_cpus()
 
     def _kill_files(self, job_id: str) -> KillFiles:
