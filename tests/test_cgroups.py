@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from joblet.config import CgroupSection
+from joblet.core.counters import CgroupStats
 from joblet.core.cpus import CpuListError, format_cpu_list, parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import (
@@ -290,7 +291,7 @@ def test_v2_stats_from_file_texts() -> None:
         "pids.current": "2\n",
         "pids.max": "20\n",
     }
-    assert parse.v2_stats(texts) == parse.CgroupStats(
+    assert parse.v2_stats(texts) == CgroupStats(
         cpu_usage_usec=5000,
         cpu_user_usec=3000,
         cpu_system_usec=2000,
@@ -313,7 +314,7 @@ def test_v2_stats_from_file_texts() -> None:
         pids_limit=20,
     )
     # A kernel without memory.peak or io (files missing) reports zeros there.
-    assert parse.v2_stats({}) == parse.CgroupStats()
+    assert parse.v2_stats({}) == CgroupStats()
 
 
 def test_v1_stats_from_file_texts() -> None:
@@ -339,7 +340,7 @@ def test_v1_stats_from_file_texts() -> None:
         "pids.current": "2\n",
         "pids.max": "max\n",
     }
-    assert parse.v1_stats(texts, clock_ticks=100) == parse.CgroupStats(
+    assert parse.v1_stats(texts, clock_ticks=100) == CgroupStats(
         cpu_usage_usec=5000,
         cpu_user_usec=3000,
         cpu_system_usec=2000,
@@ -370,7 +371,7 @@ def test_v1_stats_from_file_texts() -> None:
         200_000,
     )
     assert parse.v1_stats({"memory.limit_in_bytes": "67108864\n"}, clock_ticks=100) == (
-        parse.CgroupStats(memory_limit=64 * MIB)
+        CgroupStats(memory_limit=64 * MIB)
     )
 
 

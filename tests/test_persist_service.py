@@ -33,6 +33,7 @@ from joblet.config import (
     PersistTlsSection,
 )
 from joblet.core.model import JobStatus
+from joblet.core.samples import MetricRecord
 from joblet.protocol import persist_pb2 as pb
 from joblet.protocol import persist_pb2_grpc as pb_grpc
 from joblet.rpc.persist_service import (
@@ -46,7 +47,7 @@ from joblet.rpc.server import server_ssl_context
 from joblet.store.logfiles import LogFileWriter
 from joblet.store.logindex import STDERR, STDOUT, Chunk
 from joblet.store.loglines import Lines
-from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
+from joblet.store.metrics import MetricsWriter, metrics_path
 from joblet.testing import Harness
 
 T = 10.0  # timeout of every gRPC call, seconds

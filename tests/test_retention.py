@@ -17,9 +17,10 @@ import trio.testing
 
 from joblet.actors.retention import DAY, RetentionActor, Sweep
 from joblet.config import RetentionSection
+from joblet.core.samples import MetricRecord
 from joblet.store.logfiles import LogFileWriter
 from joblet.store.logindex import STDOUT, Chunk
-from joblet.store.metrics import MetricRecord, MetricsWriter, metrics_path
+from joblet.store.metrics import MetricsWriter, metrics_path
 
 T0 = 1_700_000_000.0  # wall-clock time when the mock clock reads 0
 

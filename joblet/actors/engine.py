@@ -29,7 +29,7 @@ from joblet.core.errors import (
     ShuttingDown,
 )
 from joblet.core.model import JobInfo, JobSpec
-from joblet.metrics import MetricsSample
+from joblet.core.samples import MetricsSample
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, delete_job_logs, job_log_dir
 from joblet.store.logindex import Chunk

@@ -37,7 +37,6 @@ from joblet.sys.cgroups.driver import (
     CgroupUnavailable,
     detect_driver,
 )
-from joblet.sys.cgroups.parse import CgroupStats
 from joblet.sys.cgroups.v1 import Hierarchy, V1Driver
 from joblet.sys.cgroups.v2 import MEMORY_HIGH_PERCENT, V2Driver
 
@@ -46,7 +45,6 @@ __all__ = [
     "DAEMON_LEAF",
     "MEMORY_HIGH_PERCENT",
     "CgroupDriver",
-    "CgroupStats",
     "CgroupUnavailable",
     "Hierarchy",
     "V1Driver",

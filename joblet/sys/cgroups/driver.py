@@ -22,10 +22,10 @@ import attrs
 import trio
 
 from joblet.config import CgroupSection
+from joblet.core.counters import CgroupStats
 from joblet.core.cpus import format_cpu_list, parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
-from joblet.sys.cgroups.parse import CgroupStats
 
 #: CFS period in microseconds; a quota of ``cpu_percent * 1000`` per period is that percentage of
 #: one core.

@@ -4,7 +4,7 @@ Each function takes text as the kernel shows it (a whole file, trailing newline 
 returns numbers; the drivers read the files. A value that is missing or not a number counts as 0,
 as the kernel's files differ between versions and configurations. :func:`v1_stats` and
 :func:`v2_stats` turn the texts of a job group's files, by file name, into a
-:class:`CgroupStats`.
+:class:`~joblet.core.counters.CgroupStats`.
 """
 
 from __future__ import annotations
@@ -14,58 +14,11 @@ from collections.abc import Mapping
 
 import attrs
 
+from joblet.core.counters import CgroupStats
+
 #: v1 shows an unlimited memory limit as a huge number (about 2**63, rounded down to pages).
 V1_UNLIMITED = 1 << 62
 _IO_STAT_KEYS = ("rbytes", "wbytes", "rios", "wios")
-
-
-@attrs.frozen
-class CgroupStats:
-    """Resource usage of one job group (0 where the host does not report a value).
-
-    Attributes:
-        cpu_usage_usec: CPU time used, user plus system.
-        cpu_user_usec: CPU time used in user mode.
-        cpu_system_usec: CPU time used in kernel mode.
-        nr_periods: CFS enforcement periods that have elapsed.
-        nr_throttled: Periods in which the group was throttled.
-        throttled_usec: Total time the group was throttled.
-        memory_current: Memory in use now, in bytes.
-        memory_peak: Most memory ever in use, in bytes.
-        memory_anon: Anonymous memory, in bytes.
-        memory_file: Page cache (including tmpfs), in bytes.
-        pgfault: Page faults.
-        pgmajfault: Major page faults.
-        io_read_bytes: Bytes read from block devices.
-        io_write_bytes: Bytes written to block devices.
-        io_read_ops: Read operations on block devices.
-        io_write_ops: Write operations on block devices.
-        pids_current: Tasks (processes and threads) in the group now.
-        memory_limit: The memory limit in bytes; 0 when unlimited.
-        oom_kills: Processes of the group the kernel's OOM killer has killed.
-        pids_limit: Most tasks the group may hold; 0 when unlimited.
-    """
-
-    cpu_usage_usec: int = 0
-    cpu_user_usec: int = 0
-    cpu_system_usec: int = 0
-    nr_periods: int = 0
-    nr_throttled: int = 0
-    throttled_usec: int = 0
-    memory_current: int = 0
-    memory_peak: int = 0
-    memory_anon: int = 0
-    memory_file: int = 0
-    pgfault: int = 0
-    pgmajfault: int = 0
-    io_read_bytes: int = 0
-    io_write_bytes: int = 0
-    io_read_ops: int = 0
-    io_write_ops: int = 0
-    pids_current: int = 0
-    memory_limit: int = 0
-    oom_kills: int = 0
-    pids_limit: int = 0
 
 
 @attrs.frozen

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import attrs
 
 from joblet.config import CgroupSection
+from joblet.core.counters import CgroupStats
 from joblet.core.cpus import parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
@@ -21,7 +22,6 @@ from joblet.sys.cgroups.driver import (
     KillFiles,
     check_job_id,
 )
-from joblet.sys.cgroups.parse import CgroupStats
 from joblet.sys.devices import block_device_numbers
 
 #: cgroup v1 controllers without which the v1 driver is unavailable.

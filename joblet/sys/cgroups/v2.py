@@ -8,6 +8,7 @@ import posixpath
 from pathlib import Path, PurePosixPath
 
 from joblet.config import CgroupSection
+from joblet.core.counters import CgroupStats
 from joblet.core.cpus import parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
@@ -19,7 +20,6 @@ from joblet.sys.cgroups.driver import (
     CgroupUnavailable,
     KillFiles,
 )
-from joblet.sys.cgroups.parse import CgroupStats
 from joblet.sys.devices import block_device_numbers
 
 #: ``memory.high`` (v2) as a percentage of ``memory.max``. At 100 the kernel reclaims (page cache
