@@ -78,7 +78,7 @@ class V1Driver(CgroupDriver):
     version = 1
 
     def __init__(self, cfg: CgroupSection, hierarchies: dict[str, Hierarchy]) -> None:
-        """Use :meth:`probe` or :func:`detect_driver` instead."""
+        """Use :meth:`probe` or :func:`~joblet.sys.cgroups.detect_driver` instead."""
         super().__init__(cfg)
         self._by_controller = hierarchies
         # Each hierarchy once, in join order (a co-mounted cpu,cpuacct is one entry).

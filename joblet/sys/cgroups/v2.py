@@ -54,7 +54,7 @@ class V2Driver(CgroupDriver):
     version = 2
 
     def __init__(self, cfg: CgroupSection, available: frozenset[str], mount_root: str) -> None:
-        """Use :meth:`probe` or :func:`detect_driver` instead."""
+        """Use :meth:`probe` or :func:`~joblet.sys.cgroups.detect_driver` instead."""
         super().__init__(cfg)
         self._controllers = tuple(c for c in V2_CONTROLLERS if c in available)
         self._mount_root = mount_root
