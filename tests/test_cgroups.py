@@ -27,6 +27,8 @@ import pytest
 import trio
 
 from joblet.config import CgroupSection
+from joblet.core.counters import CgroupStats
+from joblet.core.cpus import CpuListError, format_cpu_list, parse_cpu_list
 from joblet.core.model import Limits
 from joblet.sys.cgroups import (
     MEMORY_HIGH_PERCENT,
@@ -35,8 +37,8 @@ from joblet.sys.cgroups import (
     V1Driver,
     V2Driver,
     detect_driver,
-    format_cpu_list,
-    parse_cpu_list,
+    files,
+    parse,
 )
 from joblet.sys.devices import block_device_numbers, block_devices, disk_for_path
 from tests.conftest import IN_CI, require_root
@@ -99,7 +101,8 @@ def module_driver(request: pytest.FixtureRequest) -> Iterator[CgroupDriver]:
         raise
     driver.setup()
     yield driver
-    driver.teardown()
+    # A module-scoped fixture ends outside any test's event loop: teardown gets one of its own.
+    trio.run(driver.teardown)
     assert [p for p in driver.parent_dirs() if p.exists()] == [], "parent group left behind"
 
 
@@ -133,7 +136,7 @@ class Jobs:
     async def finish(self, job_id: str) -> None:
         """Kill what is left of the job and remove its group, as the daemon does."""
         await self.driver.kill_all(job_id, 5)
-        self.driver.remove(job_id)
+        await self.driver.remove(job_id)
 
 
 class Lines:
@@ -168,7 +171,7 @@ async def jobs(module_driver: CgroupDriver) -> AsyncIterator[Jobs]:
     with trio.move_on_after(10):
         for name in driver.job_groups():
             await driver.kill_all(name, 5)
-            driver.remove(name)
+            await driver.remove(name)
         for proc in helper.processes:
             if proc.returncode is None:
                 proc.kill()
@@ -251,11 +254,160 @@ def test_bad_driver_config_is_refused() -> None:
 
 def test_cpu_lists() -> None:
     assert parse_cpu_list("0-2,4") == {0, 1, 2, 4}
-    assert parse_cpu_list("3\n") == {3}
+    assert parse_cpu_list("3") == {3}
     assert format_cpu_list({0, 1, 2, 4, 6, 7}) == "0-2,4,6-7"
-    for bad in ("", "a", "1-", "2-1", "1,,2"):
-        with pytest.raises(ValueError, match="invalid cpu list"):
+    assert format_cpu_list(parse_cpu_list("0-3,5,7-8")) == "0-3,5,7-8"
+    # Strict: the kernel's trailing newline is stripped by the caller; only ASCII digits.
+    for bad in ("", "a", "1-", "1,,2", "3\n", " 3", "\u0663"):
+        with pytest.raises(CpuListError, match="invalid cpu list") as info:
             parse_cpu_list(bad)
+        assert (info.value.text, info.value.problem) == (bad, "expected e.g. '0-1' or '0,2'")
+    with pytest.raises(ValueError, match=r"invalid cpu list '0,2-1' \(range 2-1 is backwards\)"):
+        parse_cpu_list("0,2-1")
+
+
+# --- parsers: a file's text in, numbers out ------------------------------------------------
+
+
+def test_flat_keyed_and_int_or() -> None:
+    assert parse.flat_keyed("usage_usec 120\nnr_periods 3\nbogus x\n") == {
+        "usage_usec": 120,
+        "nr_periods": 3,
+        "bogus": 0,
+    }
+    assert [parse.int_or(t) for t in ("42\n", "max\n", "", " 7 ")] == [42, 0, 0, 7]
+    assert parse.pid_list("12\n7\n") == [12, 7]
+    assert parse.pid_list("") == []
+
+
+def test_v2_stats_from_file_texts() -> None:
+    texts = {
+        "cpu.stat": "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 10\n"
+        "nr_throttled 4\nthrottled_usec 900\n",
+        "memory.stat": "anon 4096\nfile 8192\npgfault 11\npgmajfault 2\nshmem 0\n",
+        # Two devices, one with fields we do not use.
+        "io.stat": "254:0 rbytes=100 wbytes=200 rios=1 wios=2 dbytes=0 dios=0\n"
+        "8:0 rbytes=10 wbytes=20 rios=3 wios=4\n",
+        "memory.current": "12288\n",
+        "memory.peak": "16384\n",
+        "memory.max": "max\n",
+        "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        "pids.current": "2\n",
+        "pids.max": "20\n",
+    }
+    assert parse.v2_stats(texts) == CgroupStats(
+        cpu_usage_usec=5000,
+        cpu_user_usec=3000,
+        cpu_system_usec=2000,
+        nr_periods=10,
+        nr_throttled=4,
+        throttled_usec=900,
+        memory_current=12288,
+        memory_peak=16384,
+        memory_anon=4096,
+        memory_file=8192,
+        pgfault=11,
+        pgmajfault=2,
+        io_read_bytes=110,
+        io_write_bytes=220,
+        io_read_ops=4,
+        io_write_ops=6,
+        pids_current=2,
+        memory_limit=0,
+        oom_kills=1,
+        pids_limit=20,
+    )
+    # A kernel without memory.peak or io (files missing) reports zeros there.
+    assert parse.v2_stats({}) == CgroupStats()
+
+
+def test_v1_stats_from_file_texts() -> None:
+    texts = {
+        "cpu.stat": "nr_periods 10\nnr_throttled 4\nthrottled_time 9000\n",
+        "cpuacct.usage": "5000000\n",
+        "cpuacct.usage_user": "3000000\n",
+        "cpuacct.usage_sys": "2000000\n",
+        "cpuacct.stat": "user 999\nsystem 999\n",
+        "memory.stat": "rss 1\ncache 1\ntotal_rss 4096\ntotal_cache 8192\n"
+        "total_pgfault 11\ntotal_pgmajfault 2\n",
+        "memory.usage_in_bytes": "12288\n",
+        "memory.max_usage_in_bytes": "16384\n",
+        # "Unlimited": PAGE_COUNTER_MAX pages, in bytes.
+        "memory.limit_in_bytes": "9223372036854771712\n",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        "blkio.throttle.io_service_bytes_recursive": "254:0 Read 100\n254:0 Write 200\n"
+        "254:0 Sync 300\n254:0 Total 300\n8:0 Read 10\n8:0 Write 20\nTotal 330\n",
+        "blkio.throttle.io_service_bytes": "254:0 Read 1\n254:0 Write 1\n",
+        # An empty recursive file: the plain one counts.
+        "blkio.throttle.io_serviced_recursive": "",
+        "blkio.throttle.io_serviced": "254:0 Read 3\n254:0 Write 5\nTotal 8\n",
+        "pids.current": "2\n",
+        "pids.max": "max\n",
+    }
+    assert parse.v1_stats(texts, clock_ticks=100) == CgroupStats(
+        cpu_usage_usec=5000,
+        cpu_user_usec=3000,
+        cpu_system_usec=2000,
+        nr_periods=10,
+        nr_throttled=4,
+        throttled_usec=9,
+        memory_current=12288,
+        memory_peak=16384,
+        memory_anon=4096,
+        memory_file=8192,
+        pgfault=11,
+        pgmajfault=2,
+        io_read_bytes=110,
+        io_write_bytes=220,
+        io_read_ops=3,
+        io_write_ops=5,
+        pids_current=2,
+        memory_limit=0,
+        oom_kills=2,
+        pids_limit=0,
+    )
+    # Before Linux 4.6 there is no cpuacct.usage_user: cpuacct.stat counts clock ticks.
+    old_kernel = {"cpuacct.usage": "5000000\n", "cpuacct.stat": "user 30\nsystem 20\n"}
+    stats = parse.v1_stats(old_kernel, clock_ticks=100)
+    assert (stats.cpu_usage_usec, stats.cpu_user_usec, stats.cpu_system_usec) == (
+        5000,
+        300_000,
+        200_000,
+    )
+    assert parse.v1_stats({"memory.limit_in_bytes": "67108864\n"}, clock_ticks=100) == (
+        CgroupStats(memory_limit=64 * MIB)
+    )
+
+
+def test_proc_cgroup_and_mountinfo() -> None:
+    v1 = "12:pids:/joblet/job-1\n4:cpu,cpuacct:/joblet/job-1\n1:name=systemd:/\n0::/\n"
+    assert parse.proc_cgroup(v1) == {
+        "pids": "/joblet/job-1",
+        "cpu,cpuacct": "/joblet/job-1",
+        "name=systemd": "/",
+        "": "/",
+    }
+    assert parse.proc_cgroup("0::/joblet/job-1\n") == {"": "/joblet/job-1"}
+    text = (
+        "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:12 - cgroup cgroup "
+        "rw,cpu,cpuacct\n"
+        "31 25 0:27 /sub /sys/fs/cgroup/my\\040dir rw - cgroup2 cgroup2 rw,nsdelegate\n"
+        "garbage line\n"
+    )
+    assert parse.mountinfo(text) == [
+        parse.Mount(
+            point="/sys/fs/cgroup/cpu,cpuacct",
+            root="/",
+            fstype="cgroup",
+            options=frozenset({"rw", "cpu", "cpuacct"}),
+        ),
+        parse.Mount(
+            point="/sys/fs/cgroup/my dir",
+            root="/sub",
+            fstype="cgroup2",
+            options=frozenset({"rw", "nsdelegate"}),
+        ),
+    ]
 
 
 def test_block_devices_skip_virtual_and_empty_disks(tmp_path: Path) -> None:
@@ -290,8 +442,8 @@ def test_block_devices_are_the_hosts_real_disks() -> None:
 
 
 # --- create / apply / remove ----------------------------------------------------------------
-# These only touch cgroupfs synchronously and never reach a checkpoint, so a fail_after could
-# not fire in them; the fixture's asynchronous cleanup is bounded there.
+# These touch cgroupfs synchronously up to the removal, so a fail_after could not fire in
+# them; the fixture's asynchronous cleanup is bounded there.
 
 
 async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None:
@@ -348,11 +500,11 @@ async def test_create_writes_the_limits_and_remove_cleans_up(jobs: Jobs) -> None
     assert stats.pids_current == 0
     assert (stats.memory_limit, stats.pids_limit, stats.oom_kills) == (64 * MIB, 20, 0)
 
-    driver.remove(job_id)
+    await driver.remove(job_id)
     assert driver.job_groups() == []
     for parent in driver.parent_dirs():
         assert not (parent / job_id).exists()
-    driver.remove(job_id)  # a missing group is not an error
+    await driver.remove(job_id)  # a missing group is not an error
 
 
 async def test_zero_limits_mean_unlimited(jobs: Jobs) -> None:
@@ -373,7 +525,7 @@ async def test_zero_limits_mean_unlimited(jobs: Jobs) -> None:
         if (group / "io.max").exists():
             assert _read(group / "io.max") == ""
     assert (driver.stats(job_id).memory_limit, driver.stats(job_id).pids_limit) == (0, 0)
-    driver.remove(job_id)
+    await driver.remove(job_id)
 
 
 async def test_failed_create_leaves_nothing(jobs: Jobs) -> None:
@@ -546,7 +698,7 @@ async def test_pids_max_stops_a_fork_loop_and_kill_all_empties_the_group(jobs: J
         await jobs.driver.kill_all(job_id, 5)
         assert jobs.driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
 
 
 # --- killing ----------------------------------------------------------------------------------
@@ -566,7 +718,7 @@ async def test_kill_all_kills_background_and_setsid_processes(jobs: Jobs) -> Non
         assert jobs.driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
         await wait_exited(pids)
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
         assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] == []
 
 
@@ -582,7 +734,7 @@ async def test_signal_all_reaches_every_process(jobs: Jobs) -> None:
         # None of them ignores SIGTERM: all die of it, grandchildren included, without kill_all.
         await wait_exited(pids)
         assert jobs.driver.pids(job_id) == []
-        jobs.driver.remove(job_id)
+        await jobs.driver.remove(job_id)
 
 
 async def test_kill_all_out_of_time_names_the_survivors(jobs: Jobs) -> None:
@@ -626,7 +778,7 @@ async def test_kill_all_stops_a_fork_bomb(
         await driver.kill_all(job_id, 10)
         assert driver.pids(job_id) == []
         assert await proc.wait() == -signal.SIGKILL
-        driver.remove(job_id)
+        await driver.remove(job_id)
 
 
 @pytest.fixture
@@ -662,7 +814,7 @@ async def test_v2_setup_moves_the_daemon_out_of_the_groups_it_needs() -> None:
             assert _own_v2_group() == f"/{parent}/joblet-daemon"
             driver.create("job-1", Limits())
             assert driver.job_groups() == ["job-1"]
-            driver.remove("job-1")
+            await driver.remove("job-1")
             # Undo setup's work, so a process may join the group itself again.
             _move_self(home)
             (group / "joblet-daemon").rmdir()
@@ -712,7 +864,40 @@ async def _run_in_group(group: Path, *, task_status: trio.TaskStatus[int]) -> No
 async def test_kill_all_and_remove_of_a_missing_group_do_nothing(jobs: Jobs) -> None:
     with trio.fail_after(5):
         await jobs.driver.kill_all("job-never-created", 1)
-        jobs.driver.remove("job-never-created")
+        await jobs.driver.remove("job-never-created")
         assert jobs.driver.pids("job-never-created") == []
         with pytest.raises(FileNotFoundError):
             jobs.driver.stats("job-never-created")
+
+
+async def test_remove_retries_a_busy_group_while_other_tasks_run(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group that is still busy is retried without holding up the event loop: here the task
+    that empties it runs between the attempts, and the removal then succeeds."""
+    # Retries for far longer than the test needs: only a blocked loop could exhaust them.
+    monkeypatch.setattr(files, "RMDIR_ATTEMPTS", 5_000)
+    attempts: list[bool] = []
+    first_busy = trio.Event()
+    try_rmdir = files.try_rmdir
+
+    def spy(group: Path) -> bool:
+        gone = try_rmdir(group)
+        attempts.append(gone)
+        if not gone:
+            first_busy.set()
+        return gone
+
+    monkeypatch.setattr(files, "try_rmdir", spy)
+    with trio.fail_after(20):
+        job_id = jobs.create(Limits())
+        proc, _ = await jobs.start(job_id, "sleep", "60")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(jobs.driver.remove, job_id)
+            await first_busy.wait()
+            # The removal is under way and the group still there: this task empties it.
+            assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] != []
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+        assert [p for p in jobs.driver.parent_dirs() if (p / job_id).exists()] == []
+        assert attempts.count(False) >= 1 and attempts[-1] is True

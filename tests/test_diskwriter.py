@@ -18,11 +18,12 @@ from joblet.actors.diskwriter import DeleteError, DiskWriter, LogWriteError, _Ba
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.model import JobInfo, JobSpec, JobStatus
+from joblet.core.samples import MetricRecord
 from joblet.core.writequeue import Batch
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
-from joblet.store.metricfiles import MetricRecord, metrics_path
+from joblet.store.metricfiles import metrics_path
 
 
 def make_log(logs_dir: Path, writer: DiskWriter, job_id: str = "job-1") -> JobLog:

@@ -48,7 +48,7 @@ from joblet.config import Config, GrpcSection, StateLayout, load_config
 from joblet.core.chunks import Chunk
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
-from joblet.metrics import MetricsSample
+from joblet.core.samples import MetricsSample
 from joblet.protocol import joblet_pb2 as pb
 from joblet.protocol import joblet_pb2_grpc as pb_grpc
 from joblet.rpc import auth

@@ -21,20 +21,30 @@ import trio
 from cli import chart, output
 from joblet.actors.sampler import FOLLOWER_BUFFER, MetricsHub
 from joblet.config import MetricsSection
+from joblet.core.counters import (
+    CgroupStats,
+    NetCounters,
+    ProcessCounts,
+    parse_net_dev,
+    status_field,
+)
 from joblet.core.errors import JobNotFound
 from joblet.core.model import JobStatus
-from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
+from joblet.core.samples import (
+    MetricRecord,
+    MetricsSample,
+    Reading,
+    compute_sample,
+    samples_from_records,
+)
 from joblet.rpc import convert
 from joblet.store.metricfiles import (
-    MetricRecord,
     MetricsCorrupted,
     MetricsWriter,
     delete_job_metrics,
     metrics_path,
     read_metric_records,
 )
-from joblet.sys.cgroups import CgroupStats
-from joblet.sys.procfs import NetCounters, ProcessCounts, parse_net_dev
 from joblet.testing import Harness
 
 MIB = 1 << 20
@@ -210,6 +220,14 @@ def test_parse_net_dev_sums_every_interface() -> None:
         "    0    0    0     0       0          0\n"
     )
     assert parse_net_dev(text) == NetCounters(1500, 1300, 15, 13)
+
+
+def test_status_field_reads_a_number_of_proc_status() -> None:
+    text = "Name:\tpython3\nUmask:\t0022\nThreads:\t4\nVmRSS:\t  1024 kB\nBad:\tx\n"
+    assert status_field(text, "Threads") == 4
+    assert status_field(text, "VmRSS") == 1024
+    assert status_field(text, "Bad") == 0
+    assert status_field(text, "Missing") == 0
 
 
 def test_protobuf_sample_leaves_absent_types_unset_and_clamps() -> None:

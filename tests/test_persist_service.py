@@ -35,6 +35,7 @@ from joblet.config import (
 from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.core.lines import Lines
 from joblet.core.model import JobStatus
+from joblet.core.samples import MetricRecord
 from joblet.protocol import persist_pb2 as pb
 from joblet.protocol import persist_pb2_grpc as pb_grpc
 from joblet.rpc.persist_service import (
@@ -46,7 +47,7 @@ from joblet.rpc.persist_service import (
 )
 from joblet.rpc.server import server_ssl_context
 from joblet.store.logfiles import LogFileWriter
-from joblet.store.metricfiles import MetricRecord, MetricsWriter, metrics_path
+from joblet.store.metricfiles import MetricsWriter, metrics_path
 from joblet.testing import Harness
 
 T = 10.0  # timeout of every gRPC call, seconds

@@ -19,8 +19,9 @@ import trio.testing
 from joblet.actors.retention import DAY, RetentionActor, Sweep
 from joblet.config import RetentionSection
 from joblet.core.chunks import STDOUT, Chunk
+from joblet.core.samples import MetricRecord
 from joblet.store.logfiles import LogFileWriter, delete_job_logs
-from joblet.store.metricfiles import MetricRecord, MetricsWriter, delete_job_metrics, metrics_path
+from joblet.store.metricfiles import MetricsWriter, delete_job_metrics, metrics_path
 
 T0 = 1_700_000_000.0  # wall-clock time when the mock clock reads 0
 

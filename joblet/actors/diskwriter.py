@@ -38,11 +38,12 @@ from joblet import logfmt
 from joblet.config import LogsSection
 from joblet.core.chunks import Chunk
 from joblet.core.model import JobInfo
+from joblet.core.samples import MetricRecord
 from joblet.core.writequeue import Batch, Deletion, JobChunks, Record, WriteQueue
 from joblet.store.jobdb import JobDB
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, delete_job_logs, job_log_dir
-from joblet.store.metricfiles import MetricRecord, MetricsWriter, delete_job_metrics, metrics_path
+from joblet.store.metricfiles import MetricsWriter, delete_job_metrics, metrics_path
 
 #: Longest the final write on shutdown (cancellation of :meth:`DiskWriter.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0

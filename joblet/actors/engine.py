@@ -29,7 +29,7 @@ from joblet.core.errors import (
 )
 from joblet.core.ids import new_job_id, resolve_prefix
 from joblet.core.model import JobInfo, JobSpec
-from joblet.metrics import MetricsSample
+from joblet.core.samples import MetricsSample
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, job_log_dir
 

@@ -305,7 +305,7 @@ class JobActor:
                 self.state.internal_error("the job's process could not be waited for", time.time())
         self.metrics.close()
         try:
-            ctx.driver.remove(self.id)
+            await ctx.driver.remove(self.id)
         except OSError as e:
             logfmt.error("job cgroup could not be removed", jobId=self.id, error=str(e))
         await trio.to_thread.run_sync(shutil.rmtree, job_dir, True)

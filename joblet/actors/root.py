@@ -166,7 +166,10 @@ async def _open_node(
                 await disk_writer.flush()
         system.cancel_scope.cancel()
     try:
-        driver.teardown()
+        # Shielded and bounded like the other cleanup: the parent is removed even when the
+        # node is left because of a cancellation.
+        with trio.CancelScope(shield=True), trio.move_on_after(config.joblet.cleanup_timeout):
+            await driver.teardown()
     except OSError as e:
         logfmt.warn("cgroup parent could not be removed", error=str(e))
     logfmt.info("joblet node stopped", nodeId=ctx.node_id)
@@ -212,10 +215,10 @@ async def _remove_leftover_groups(
     known: set[str],
     timeout: float,  # noqa: ASYNC109 (kill_all's own bound, which names the survivors)
 ) -> None:
-    for name in driver.job_groups():
+    for name in await trio.to_thread.run_sync(driver.job_groups):
         try:
             await driver.kill_all(name, timeout)
-            driver.remove(name)
+            await driver.remove(name)
         except (OSError, TimeoutError, ValueError) as e:
             logfmt.error("leftover job group could not be removed", group=name, error=str(e))
             continue

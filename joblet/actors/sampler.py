@@ -36,7 +36,8 @@ import trio
 from joblet import logfmt
 from joblet.actors.diskwriter import DiskWriter
 from joblet.config import MetricsSection
-from joblet.metrics import MetricsSample, Reading, compute_sample, samples_from_records
+from joblet.core.counters import NetCounters
+from joblet.core.samples import MetricsSample, Reading, compute_sample, samples_from_records
 from joblet.store.metricfiles import metrics_path, read_metric_records
 from joblet.sys import procfs
 from joblet.sys.cgroups import CgroupDriver
@@ -149,7 +150,7 @@ class JobSampler:
         # Counters start at zero with the job's group: the first sample's rates are over the
         # time since the job was accepted.
         self._previous = Reading(time.time_ns(), time.monotonic())
-        self._last_network: procfs.NetCounters | None = None
+        self._last_network: NetCounters | None = None
         #: The job's network namespace, held open once found (see joblet.sys.procfs).
         self._netns_fd: int | None = None
         self._last_ts = 0
@@ -280,7 +281,7 @@ class JobSampler:
                             break
             if self._netns_fd is not None:
                 network = procfs.namespace_net_counters(self._netns_fd)
-            network = network or self._last_network or procfs.NetCounters()
+            network = network or self._last_network or NetCounters()
             self._last_network = network
         return Reading(time.time_ns(), time.monotonic(), stats, processes, network)
 

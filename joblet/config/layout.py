@@ -5,7 +5,7 @@
     <state>/
         jobs/                  job roots while jobs run (joblet.actors.job)
         logs/<job id>/         job output and its index (joblet.store.logfiles)
-        metrics/<job id>       resource samples (joblet.store.metrics)
+        metrics/<job id>       resource samples (joblet.store.metricfiles)
         jobs.db                job records (joblet.store.jobdb)
         node_id                this installation's node id
         joblet.lock            held by the running daemon, so a second one on the same state fails

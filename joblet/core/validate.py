@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from joblet.core.cpus import CpuListError, parse_cpu_list
 from joblet.core.errors import InvalidRequest
 from joblet.core.model import JobSpec, Limits
 
@@ -21,7 +22,6 @@ MAX_ARGS = 8192
 MAX_TOTAL_ARGS_BYTES = 1 << 20
 NETWORK_MODES = ("host", "none")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
 def host_memory_mb() -> int:
@@ -46,16 +46,10 @@ def parse_cpuset(spec: str) -> set[int]:
     Raises:
         InvalidRequest: The syntax is wrong.
     """
-    if not _CPUSET.match(spec):
-        raise InvalidRequest(f"invalid cpuCores: {spec!r} (expected e.g. '0-1' or '0,2')")
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        first, last = int(lo), int(hi or lo)
-        if last < first:
-            raise InvalidRequest(f"invalid cpuCores: {spec!r} (range {part} is backwards)")
-        cpus.update(range(first, last + 1))
-    return cpus
+    try:
+        return parse_cpu_list(spec)
+    except CpuListError as e:
+        raise InvalidRequest(f"invalid cpuCores: {e.text!r} ({e.problem})") from None
 
 
 def build_spec(

@@ -23,7 +23,7 @@ from typing import TypedDict
 from google.protobuf.descriptor import FieldDescriptor
 
 from joblet.core.model import JobInfo
-from joblet.metrics import MetricsSample
+from joblet.core.samples import MetricsSample
 from joblet.protocol import joblet_pb2 as pb
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -157,8 +157,8 @@ def spec_fields_from_run_req(req: pb.RunJobReq) -> RunRequestFields:
     )
 
 
-# Wire field of each Job*Metrics message -> the sample's value name (see joblet.metrics); fields
-# whose name ends in "Percent" or "Bps" are doubles, the others integers.
+# Wire field of each Job*Metrics message -> the sample's value name (see joblet.core.samples);
+# fields whose name ends in "Percent" or "Bps" are doubles, the others integers.
 _METRIC_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "cpu": (
         ("usagePercent", "cpu_percent"),

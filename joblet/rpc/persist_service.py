@@ -42,6 +42,7 @@ from joblet.config import Config
 from joblet.core.chunks import STDERR, STDOUT, STREAM_NAMES, STREAMS
 from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
 from joblet.core.lines import LineQuery, Lines
+from joblet.core.samples import MetricRecord
 from joblet.protocol import persist_grpc
 from joblet.protocol import persist_pb2 as pb
 from joblet.rpc.server import (
@@ -55,7 +56,7 @@ from joblet.rpc.server import (
 )
 from joblet.store.logfiles import job_log_dir
 from joblet.store.loglines import LogLineReader
-from joblet.store.metricfiles import MetricRecord, metrics_path, read_metric_records
+from joblet.store.metricfiles import metrics_path, read_metric_records
 
 #: Metric types ``QueryMetrics`` accepts as a filter: the spec's four and the ones joblet samples.
 METRIC_TYPES: tuple[str, ...] = ("cpu", "memory", "io", "gpu", "network", "process")

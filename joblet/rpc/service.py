@@ -19,8 +19,8 @@ from joblet.config import Config
 from joblet.core.chunks import Chunk
 from joblet.core.errors import InvalidRequest, JobletError
 from joblet.core.model import JobInfo, JobSpec
+from joblet.core.samples import MetricsSample
 from joblet.core.validate import build_spec
-from joblet.metrics import MetricsSample
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc import auth, convert

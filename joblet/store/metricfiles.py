@@ -15,7 +15,6 @@ file cuts it off before appending, so the file stays valid gzip.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import attrs
+from joblet.core.samples import MetricRecord
 
 #: File name of a job's metrics inside its directory (the spec's name).
 METRICS_FILE_NAME = "metrics.jsonl.gz"
@@ -37,60 +36,6 @@ _READ_BLOCK = 1 << 16
 
 class MetricsCorrupted(Exception):
     """A complete gzip member of a metrics file holds a line that is not a metric record."""
-
-
-@attrs.frozen
-class MetricRecord:
-    """One line of a metrics file: the values of one metric type at one instant.
-
-    Attributes:
-        timestamp_ns: Unix time in nanoseconds (shared by all records of one sample).
-        metric_type: ``"cpu"``, ``"memory"``, ``"io"``, ``"network"``, ``"process"`` (or
-            another category; readers keep what they do not know).
-        values: Metric name to number, e.g. ``{"cpu_percent": 58.0}``.
-    """
-
-    timestamp_ns: int
-    metric_type: str
-    values: dict[str, float]
-
-    def to_json(self) -> str:
-        """The record as one JSON line (without the newline), in the spec's field names."""
-        return json.dumps(
-            {
-                "timestamp": self.timestamp_ns,
-                "metric_type": self.metric_type,
-                "values": self.values,
-            },
-            separators=(",", ":"),
-            allow_nan=False,
-        )
-
-    @classmethod
-    def from_json(cls, line: str | bytes) -> MetricRecord:
-        """Parse one JSON line.
-
-        Raises:
-            ValueError: The line is not a metric record.
-        """
-        obj = json.loads(line)
-        if not isinstance(obj, dict):
-            raise ValueError("a metric record is a JSON object")
-        ts = obj.get("timestamp")
-        kind = obj.get("metric_type")
-        values = obj.get("values")
-        if not isinstance(ts, int) or isinstance(ts, bool):
-            raise ValueError(f"bad timestamp: {ts!r}")
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"bad metric_type: {kind!r}")
-        if not isinstance(values, dict):
-            raise ValueError(f"bad values: {values!r}")
-        out: dict[str, float] = {}
-        for name, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ValueError(f"bad value for {name}: {v!r}")
-            out[name] = float(v)
-        return cls(ts, kind, out)
 
 
 def job_metrics_dir(metrics_dir: Path, job_id: str) -> Path:

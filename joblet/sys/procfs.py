@@ -1,5 +1,8 @@
 """What a job's processes look like in ``/proc``: threads, open files, network counters.
 
+This module reads ``/proc`` and enters namespaces; the counters it returns and the parsing of
+the texts it reads are in :mod:`joblet.core.counters`.
+
 The cgroup files (:mod:`joblet.sys.cgroups`) account CPU, memory and block I/O for a whole job;
 what they do not count is read here from the job's processes. Every function tolerates processes
 that exit while they are read (they are skipped) and is cheap enough to call once per sample.
@@ -17,36 +20,11 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-import attrs
+from joblet.core.counters import NetCounters, ProcessCounts, parse_net_dev, status_field
 
 PROC = Path("/proc")
 #: setns(2) flag of a network namespace.
 CLONE_NEWNET = 0x40000000
-
-
-@attrs.frozen
-class ProcessCounts:
-    """Processes of a job and what they hold.
-
-    Attributes:
-        processes: Processes that were alive when read.
-        threads: Their threads (a single-threaded process counts one).
-        open_fds: Their open file descriptors.
-    """
-
-    processes: int = 0
-    threads: int = 0
-    open_fds: int = 0
-
-
-@attrs.frozen
-class NetCounters:
-    """Traffic of a network namespace since it was created, summed over its interfaces."""
-
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    rx_packets: int = 0
-    tx_packets: int = 0
 
 
 def process_counts(pids: Iterable[int], proc: Path = PROC) -> ProcessCounts:
@@ -64,7 +42,7 @@ def process_counts(pids: Iterable[int], proc: Path = PROC) -> ProcessCounts:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue  # exited meanwhile (or a zombie without fds)
         processes += 1
-        threads += _status_field(status, "Threads") or 1
+        threads += status_field(status, "Threads") or 1
         fds += open_fds
     return ProcessCounts(processes, threads, fds)
 
@@ -123,24 +101,6 @@ def namespace_net_counters(ns_fd: int) -> NetCounters:
     return parse_net_dev(result[0])
 
 
-def parse_net_dev(text: str) -> NetCounters:
-    """Sum the counters of a ``/proc/net/dev`` table over its interfaces."""
-    rx_bytes = tx_bytes = rx_packets = tx_packets = 0
-    for line in text.splitlines()[2:]:  # two header lines
-        _name, sep, rest = line.partition(":")
-        fields = rest.split()
-        if not sep or len(fields) < 10:
-            continue
-        try:
-            rx_bytes += int(fields[0])
-            rx_packets += int(fields[1])
-            tx_bytes += int(fields[8])
-            tx_packets += int(fields[9])
-        except ValueError:
-            continue
-    return NetCounters(rx_bytes, tx_bytes, rx_packets, tx_packets)
-
-
 def _setns(fd: int, nstype: int) -> None:
     setns = getattr(os, "setns", None)  # Python 3.12+
     if setns is not None:
@@ -150,14 +110,3 @@ def _setns(fd: int, nstype: int) -> None:
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _status_field(text: str, name: str) -> int:
-    prefix = name + ":"
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            try:
-                return int(line[len(prefix) :].split()[0])
-            except (ValueError, IndexError):
-                return 0
-    return 0

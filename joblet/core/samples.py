@@ -24,22 +24,76 @@ process     ``process_count``, ``process_threads``, ``process_open_fds``,
             ``process_pids_current`` (tasks in the cgroup), ``process_pids_limit`` (0 = none)
 =========== ==================================================================================
 
-Each type is stored as one record (:class:`joblet.store.metricfiles.MetricRecord`) per sample, all
-with the sample's timestamp.
+Each type is stored as one :class:`MetricRecord` per sample, all with the sample's timestamp:
+one JSON line of the job's metrics file (:mod:`joblet.store.metricfiles` writes and reads the
+file).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 
 import attrs
 
-from joblet.store.metricfiles import MetricRecord
-from joblet.sys.cgroups import CgroupStats
-from joblet.sys.procfs import NetCounters, ProcessCounts
+from joblet.core.counters import CgroupStats, NetCounters, ProcessCounts
 
 #: Metric types in the order a sample's records are written.
 METRIC_TYPES = ("cpu", "memory", "io", "network", "process")
+
+
+@attrs.frozen
+class MetricRecord:
+    """One line of a metrics file: the values of one metric type at one instant.
+
+    Attributes:
+        timestamp_ns: Unix time in nanoseconds (shared by all records of one sample).
+        metric_type: ``"cpu"``, ``"memory"``, ``"io"``, ``"network"``, ``"process"`` (or
+            another category; readers keep what they do not know).
+        values: Metric name to number, e.g. ``{"cpu_percent": 58.0}``.
+    """
+
+    timestamp_ns: int
+    metric_type: str
+    values: dict[str, float]
+
+    def to_json(self) -> str:
+        """The record as one JSON line (without the newline), in the spec's field names."""
+        return json.dumps(
+            {
+                "timestamp": self.timestamp_ns,
+                "metric_type": self.metric_type,
+                "values": self.values,
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> MetricRecord:
+        """Parse one JSON line.
+
+        Raises:
+            ValueError: The line is not a metric record.
+        """
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise ValueError("a metric record is a JSON object")
+        ts = obj.get("timestamp")
+        kind = obj.get("metric_type")
+        values = obj.get("values")
+        if not isinstance(ts, int) or isinstance(ts, bool):
+            raise ValueError(f"bad timestamp: {ts!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"bad metric_type: {kind!r}")
+        if not isinstance(values, dict):
+            raise ValueError(f"bad values: {values!r}")
+        out: dict[str, float] = {}
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"bad value for {name}: {v!r}")
+            out[name] = float(v)
+        return cls(ts, kind, out)
 
 
 @attrs.frozen
