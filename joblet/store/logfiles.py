@@ -31,6 +31,7 @@ from pathlib import Path
 import attrs
 
 from joblet.core.chunks import STREAM_NAMES, STREAMS, Chunk
+from joblet.core.ids import check_job_id
 from joblet.store.logindex import (
     RECORD_SIZE,
     IndexRecord,
@@ -72,10 +73,9 @@ def job_log_dir(logs_dir: Path, job_id: str) -> Path:
     """The log directory of a job.
 
     Raises:
-        ValueError: ``job_id`` is not a plain file name.
+        ValueError: ``job_id`` is not one safe path component (see ``core.ids``).
     """
-    if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
-        raise ValueError(f"invalid job id for a log directory: {job_id!r}")
+    check_job_id(job_id, "job id for a log directory")
     return logs_dir / job_id
 
 
@@ -86,7 +86,7 @@ def delete_job_logs(logs_dir: Path, job_id: str) -> None:
     first (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
 
     Raises:
-        ValueError: ``job_id`` is not a plain file name.
+        ValueError: ``job_id`` is not one safe path component (see ``core.ids``).
     """
     path = job_log_dir(logs_dir, job_id)
     try:

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from joblet.core.ids import check_job_id
 from joblet.core.samples import MetricRecord
 
 #: File name of a job's metrics inside its directory (the spec's name).
@@ -42,10 +43,9 @@ def job_metrics_dir(metrics_dir: Path, job_id: str) -> Path:
     """The metrics directory of a job.
 
     Raises:
-        ValueError: ``job_id`` is not a plain file name.
+        ValueError: ``job_id`` is not one safe path component (see ``core.ids``).
     """
-    if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
-        raise ValueError(f"invalid job id for a metrics directory: {job_id!r}")
+    check_job_id(job_id, "job id for a metrics directory")
     return metrics_dir / job_id
 
 
@@ -53,7 +53,7 @@ def metrics_path(metrics_dir: Path, job_id: str) -> Path:
     """Path of a job's metrics file: ``<metrics_dir>/<job_id>/metrics.jsonl.gz``.
 
     Raises:
-        ValueError: ``job_id`` is not a plain file name.
+        ValueError: ``job_id`` is not one safe path component (see ``core.ids``).
     """
     return job_metrics_dir(metrics_dir, job_id) / METRICS_FILE_NAME
 
@@ -65,7 +65,7 @@ def delete_job_metrics(metrics_dir: Path, job_id: str) -> None:
     (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
 
     Raises:
-        ValueError: ``job_id`` is not a plain file name.
+        ValueError: ``job_id`` is not one safe path component (see ``core.ids``).
     """
     try:
         shutil.rmtree(job_metrics_dir(metrics_dir, job_id))

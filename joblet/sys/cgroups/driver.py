@@ -13,7 +13,6 @@ import errno
 import math
 import os
 import posixpath
-import re
 import signal
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -24,6 +23,7 @@ import trio
 from joblet.config import CgroupSection
 from joblet.core.counters import CgroupStats
 from joblet.core.cpus import format_cpu_list, parse_cpu_list
+from joblet.core.ids import is_job_id
 from joblet.core.model import Limits
 from joblet.sys.cgroups import files, parse
 
@@ -45,7 +45,6 @@ DAEMON_LEAF = "joblet-daemon"
 MIB = 1 << 20
 
 # A job id becomes a directory name: one path component, never "." or "..".
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class CgroupUnavailable(RuntimeError):
@@ -404,7 +403,7 @@ def check_job_id(job_id: str) -> None:
     Raises:
         ValueError: It cannot.
     """
-    if not _JOB_ID.fullmatch(job_id) or job_id == DAEMON_LEAF:
+    if not is_job_id(job_id) or job_id == DAEMON_LEAF:
         raise ValueError(f"invalid job id for a cgroup name: {job_id!r}")
 
 
