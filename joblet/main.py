@@ -132,7 +132,7 @@ def certs_init(args: argparse.Namespace) -> int:
 
 def _prepare_tls(config: Config) -> ssl.SSLContext:
     """Create ``<state>/certs`` if missing, load the server's TLS files, print how to connect."""
-    from joblet.rpc.server import server_ssl_context
+    from joblet.rpc.tls import server_ssl_context
 
     state = config.state_dir
     certs_dir = state / "certs"
@@ -172,8 +172,9 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
     ``persist.server.tls.enabled``, its TCP port) are started side by side in the node's nursery.
     """
     from joblet.actors.root import open_node
+    from joblet.rpc.listeners import open_listener
     from joblet.rpc.persist_service import PersistServer, PersistService, open_persist_listeners
-    from joblet.rpc.server import GrpcServer, open_listener
+    from joblet.rpc.server import GrpcServer
     from joblet.rpc.service import JobService
 
     grpc = config.grpc

@@ -51,9 +51,11 @@ from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.metrics import MetricsSample
 from joblet.protocol import joblet_pb2 as pb
 from joblet.protocol import joblet_pb2_grpc as pb_grpc
-from joblet.rpc import auth
-from joblet.rpc.server import GrpcServer, open_listener, server_ssl_context
+from joblet.rpc import auth, tls
+from joblet.rpc.listeners import open_listener
+from joblet.rpc.server import GrpcServer
 from joblet.rpc.service import MAX_CHUNK, JobService
+from joblet.rpc.tls import server_ssl_context
 from joblet.store.logindex import Chunk
 from tests.conftest import require_root
 from tests.daemon import REPO, Daemon, running_daemon
@@ -364,9 +366,9 @@ def test_certificate_validity_window_is_checked() -> None:
     before = dt.datetime(2025, 12, 31, tzinfo=utc)
     inside = dt.datetime(2026, 6, 1, tzinfo=utc)
     after = dt.datetime(2027, 1, 1, tzinfo=utc)
-    assert auth.validity_error(start, end, inside) == ""
-    assert auth.validity_error(start, end, before).endswith("certificate is not yet valid")
-    assert auth.validity_error(start, end, after).endswith("certificate has expired")
+    assert tls.validity_error(start, end, inside) == ""
+    assert tls.validity_error(start, end, before).endswith("certificate is not yet valid")
+    assert tls.validity_error(start, end, after).endswith("certificate has expired")
     expired = auth.Peer(remote="r", subject="CN=x", role="admin", auth_error="boom", problem="")
     with pytest.raises(Unauthenticated, match=r"^boom$"):
         auth.authorize("ListJobs", expired)

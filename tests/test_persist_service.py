@@ -35,14 +35,14 @@ from joblet.config import (
 from joblet.core.model import JobStatus
 from joblet.protocol import persist_pb2 as pb
 from joblet.protocol import persist_pb2_grpc as pb_grpc
+from joblet.rpc.persist_codec import encode_log_responses
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
-    encode_log_responses,
     open_persist_listeners,
     socket_path,
 )
-from joblet.rpc.server import server_ssl_context
+from joblet.rpc.tls import server_ssl_context
 from joblet.store.logfiles import LogFileWriter
 from joblet.store.logindex import STDERR, STDOUT, Chunk
 from joblet.store.loglines import Lines
