@@ -166,10 +166,11 @@ def _prepare_tls(config: Config) -> ssl.SSLContext:
 
 
 async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
-    """The daemon: the node, the gRPC servers in its nursery, until SIGTERM or SIGINT.
+    """The daemon: the node and its gRPC servers, until SIGTERM or SIGINT, then a graceful stop.
 
     The main server (JobService) and the Persist Service (its Unix socket and, with
-    ``persist.server.tls.enabled``, its TCP port) are started side by side in the node's nursery.
+    ``persist.server.tls.enabled``, its TCP port) are started side by side. On a signal they stop
+    accepting and drain (:meth:`joblet.rpc.server.GrpcServer.stop`) while the node stops its jobs.
     """
     from joblet.actors.root import open_node
     from joblet.rpc.listeners import open_listener
@@ -189,11 +190,12 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
         await listener.aclose()
         raise Fatal(f"persist service: {exc.strerror or exc}") from exc
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with listener, persist_listeners:
+        # The servers' nursery outlives the node, so that their drain can outlast its teardown.
+        async with listener, persist_listeners, trio.open_nursery() as servers:
             async with open_node(config) as node:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
-                await node.nursery.start(server.run)
+                await servers.start(server.run)
                 state = config.state_dir
                 persist = PersistService(
                     state / "logs",
@@ -202,12 +204,15 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                     max_send_msg_size=grpc.max_send_msg_size,
                 )
                 persist_server = PersistServer(persist, persist_listeners, ssl_context, config)
-                await node.nursery.start(persist_server.run)
+                await servers.start(persist_server.run)
                 async for signum in signals:
                     logfmt.info("shutdown requested", signal=signal.Signals(signum).name)
                     break
-                # Leaving the node stops every job (gracefully, then by force) and flushes the
-                # logs; the server answers until then, so log streams end with the jobs.
+                # Drain, don't cut: the listeners close now, calls in flight get the servers'
+                # drain timeout. Leaving the node stops every job (gracefully, then by force)
+                # and flushes the logs, so log streams end with their jobs meanwhile.
+                server.stop()
+                persist_server.stop()
 
 
 # --- command line --------------------------------------------------------------------------------
