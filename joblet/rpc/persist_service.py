@@ -36,7 +36,8 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
-from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
+from joblet.core.errors import InvalidRequest
+from joblet.core.ids import is_job_id, resolve_prefix
 from joblet.protocol import persist_grpc
 from joblet.rpc.dispatch import Handler, Send, ServiceDef
 from joblet.rpc.listeners import UnixSocketListener, open_listener, open_unix_listener
@@ -165,18 +166,14 @@ class PersistService:
         return await trio.to_thread.run_sync(self._resolve_sync, ref, known)
 
     def _resolve_sync(self, ref: str, known: set[str]) -> str:
-        plain = "/" not in ref and "\0" not in ref and ref not in (".", "..")
-        if plain and (
+        # A whole id whose directory exists needs no listing of the directories (and only a
+        # job id may be joined to them as a path).
+        if is_job_id(ref) and (
             ref in known or (self._logs_dir / ref).is_dir() or (self._metrics_dir / ref).is_dir()
         ):
             return ref
         candidates = known | _entries(self._logs_dir) | _entries(self._metrics_dir)
-        matches = sorted(c for c in candidates if c.startswith(ref))
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise AmbiguousJobId(ref, len(matches))
-        raise JobNotFound(ref)
+        return resolve_prefix(ref, candidates)
 
     def _next_log_messages(self, reader: LogLineReader) -> list[EncodedMessage]:
         """The next step of a QueryLogs answer as messages (in the worker thread)."""
