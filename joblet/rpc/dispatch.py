@@ -98,7 +98,7 @@ class ServiceDef:
 
 
 class Dispatcher:
-    """Serves calls: one instance for every connection of a server.
+    """Serves calls: one instance serves every call of a server, on all its connections.
 
     Args:
         services: The services to dispatch to.
