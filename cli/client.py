@@ -28,8 +28,8 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from purerpc.grpclib.events import ResponseEnded
 
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
+from joblet.rpc.tls import CredentialFileError, client_ssl_context
 
 #: Port used when ``--server`` names only a host.
 DEFAULT_PORT = 50051
@@ -149,7 +150,7 @@ def parse_server_address(server: str) -> tuple[str, int]:
 
 
 def make_ssl_context(settings: ClientSettings) -> ssl.SSLContext:
-    """The client side of mutual TLS: verify the server against ``ca``, present ``cert``/``key``.
+    """The client side of mutual TLS (:func:`joblet.rpc.tls.client_ssl_context`) for ``settings``.
 
     Raises:
         ConfigError: A file is missing, unreadable or not valid PEM, or the key does not match
@@ -162,21 +163,17 @@ def make_ssl_context(settings: ClientSettings) -> ssl.SSLContext:
     ):
         if not path.is_file():
             raise ConfigError(f"{what} file not found: {path}")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
     try:
-        context.load_verify_locations(cafile=settings.ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA certificate {settings.ca}: {_describe(exc)}") from None
-    try:
-        context.load_cert_chain(settings.cert, settings.key)
-    except (OSError, ssl.SSLError) as exc:
+        return client_ssl_context(settings.ca, settings.cert, settings.key)
+    except CredentialFileError as exc:
+        if exc.ca:
+            raise ConfigError(
+                f"cannot load CA certificate {settings.ca}: {_describe(exc.cause)}"
+            ) from None
         raise ConfigError(
             f"cannot load client certificate {settings.cert} with key {settings.key}: "
-            f"{_describe(exc)}"
+            f"{_describe(exc.cause)}"
         ) from None
-    return context
 
 
 @asynccontextmanager
@@ -273,9 +270,8 @@ class JobClient:
         Returns:
             The number of bytes passed to ``sink``.
         """
-        self._socket.raise_if_lost()
         total = 0
-        try:
+        with self._call_errors():
             call: AsyncGenerator[pb.DataChunk, None] = self._stub.GetJobLogs(
                 pb.GetJobLogsReq(id=job_id, offset=offset)
             )
@@ -284,12 +280,6 @@ class JobClient:
                     payload: bytes = chunk.payload
                     total += len(payload)
                     sink(payload)
-        except purerpc.RpcFailedError as exc:
-            raise _rpc_error(exc) from None
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._socket.lost_error() from None
-        except purerpc.ProtocolError as exc:
-            raise ProtocolFailure(f"protocol error: {exc}") from None
         return total
 
     async def stream_metrics(
@@ -303,9 +293,8 @@ class JobClient:
         Returns:
             The number of samples passed to ``sink``.
         """
-        self._socket.raise_if_lost()
         count = 0
-        try:
+        with self._call_errors():
             call: AsyncGenerator[pb.JobMetricsSample, None] = self._stub.GetJobMetrics(
                 pb.JobMetricsRequest(id=job_id)
             )
@@ -313,20 +302,20 @@ class JobClient:
                 async for sample in samples:
                     count += 1
                     sink(sample)
-        except purerpc.RpcFailedError as exc:
-            raise _rpc_error(exc) from None
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._socket.lost_error() from None
-        except purerpc.ProtocolError as exc:
-            raise ProtocolFailure(f"protocol error: {exc}") from None
         return count
 
     async def _unary(self, method: Callable[[Any], Awaitable[_T]], request: object) -> _T:
+        with self._call_errors(), trio.fail_after(CALL_TIMEOUT):
+            return await method(request)
+
+    @contextmanager
+    def _call_errors(self) -> Iterator[None]:
+        """Run one call: fail fast on a connection already lost, and turn what the call raises
+        into our errors (the one translation for every call)."""
         self._socket.raise_if_lost()
         try:
-            with trio.fail_after(CALL_TIMEOUT):
-                return await method(request)
-        except trio.TooSlowError:
+            yield
+        except trio.TooSlowError:  # only a unary call's CALL_TIMEOUT raises it
             raise CallTimedOut(
                 f"no answer from {self._socket.server} within {CALL_TIMEOUT:g}s"
             ) from None

@@ -11,7 +11,7 @@
 
 Keys are ECDSA P-256 (fast to make, accepted by TLS 1.3 everywhere) in unencrypted PKCS#8 PEM, mode
 0600, written atomically. A client's role is the first OU of its certificate's subject that names
-a role (:func:`role_from_cert_subject`).
+a role; the server reads it with :func:`joblet.rpc.tls.role_from_cert_subject`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -33,8 +32,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: The roles a client certificate's OU can name.
-ROLES: tuple[str, ...] = ("admin", "viewer")
 #: Organization (O) of every certificate we issue.
 ORGANIZATION = "joblet"
 #: Validity of a CA made by :func:`init_certs`, at least as long as its leaf certificates'.
@@ -44,7 +41,6 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 _CERT_MODE = 0o644
 _KEY_MODE = 0o600
-_OU_DICT_NAME = "organizationalUnitName"
 
 
 class CertError(Exception):
@@ -236,20 +232,7 @@ def create_ca(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -345,39 +328,6 @@ def issue_client_cert(
     return cert_path, key_path
 
 
-def role_from_cert_subject(cert: x509.Certificate | bytes | Mapping[str, Any]) -> str | None:
-    """The role a client certificate grants: its first OU naming a role, lower-cased.
-
-    OUs are compared case-insensitively with :data:`ROLES`; OUs naming no role are skipped.
-
-    Args:
-        cert: A certificate as a cryptography object, DER bytes, or the dict of
-            :meth:`ssl.SSLSocket.getpeercert` (what ``anyio``'s ``TLSAttribute.peer_certificate``
-            holds).
-
-    Returns:
-        ``"admin"``, ``"viewer"``, or None if no OU names a role.
-
-    Raises:
-        ValueError: ``cert`` is bytes that are not a DER certificate.
-    """
-    if isinstance(cert, bytes):
-        cert = x509.load_der_x509_certificate(cert)
-    if isinstance(cert, x509.Certificate):
-        ous = [
-            attr.value
-            for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-        ]
-    else:
-        ous = [
-            value for rdn in cert.get("subject", ()) for key, value in rdn if key == _OU_DICT_NAME
-        ]
-    for ou in ous:
-        if isinstance(ou, str) and ou.lower() in ROLES:
-            return ou.lower()
-    return None
-
-
 def load_certificate(path: Path) -> x509.Certificate:
     """Read a PEM certificate.
 
@@ -447,25 +397,28 @@ def _leaf_builder(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
         )
+    )
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """What every key we issue may do: sign (ECDSA: the TLS handshake); a CA's also certificates
+    and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 

@@ -26,7 +26,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import attrs
 import trio
@@ -36,6 +36,9 @@ import joblet
 from joblet import logfmt
 from joblet.certs import CertError, CertPaths, init_certs
 from joblet.config import Config, ConfigError, dump_default_config, load_config
+
+if TYPE_CHECKING:  # the daemon's machinery is imported when serving only
+    from joblet.actors.root import NodeClaim
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -125,15 +128,17 @@ def serve(
     )
     config = attrs.evolve(config, state_dir=config.state_dir.resolve())
     logfmt.setup(_LOG_LEVELS[log_level])
-    from joblet.sys import locks  # Linux-only machinery: imported to serve
+    # Linux-only machinery: imported to serve.
+    from joblet.actors.root import claim_node
     from joblet.sys.cgroups import CgroupUnavailable
+    from joblet.sys.locks import LockHeld
 
     try:
         # Before anything in the state directory is touched (certificates, sockets, database).
-        with locks.hold_state_dir(config.state_dir, config.layout.lock):
+        with claim_node(config) as claim:
             ssl_context = _prepare_tls(config)
-            trio.run(_run_daemon, config, ssl_context)
-    except locks.LockHeld as exc:
+            trio.run(_run_daemon, config, ssl_context, claim)
+    except LockHeld as exc:
         raise Fatal(f"cannot start: {exc}") from exc
     except CgroupUnavailable as exc:
         raise Fatal(f"cgroup setup failed: {exc}") from exc
@@ -196,7 +201,7 @@ def _no_command(*tokens: Annotated[str, Parameter(show=False, allow_leading_hyph
 
 def _prepare_tls(config: Config) -> ssl.SSLContext:
     """Create ``<state>/certs`` if missing, load the server's TLS files, print how to connect."""
-    from joblet.rpc.server import server_ssl_context
+    from joblet.rpc.tls import server_ssl_context
 
     layout = config.layout
     certs_dir = layout.certs_dir
@@ -229,15 +234,19 @@ def _prepare_tls(config: Config) -> ssl.SSLContext:
     return context
 
 
-async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
-    """The daemon: the node, the gRPC servers in its nursery, until SIGTERM or SIGINT.
+async def _run_daemon(config: Config, ssl_context: ssl.SSLContext, claim: NodeClaim) -> None:
+    """The daemon: the node and its gRPC servers, until SIGTERM or SIGINT, then a graceful stop.
+
+    ``claim`` holds the state directory and the cgroup parent (see ``actors.root.claim_node``).
 
     The main server (JobService) and the Persist Service (its Unix socket and, with
-    ``persist.server.tls.enabled``, its TCP port) are started side by side in the node's nursery.
+    ``persist.server.tls.enabled``, its TCP port) are started side by side. On a signal they stop
+    accepting and drain (:meth:`joblet.rpc.server.GrpcServer.stop`) while the node stops its jobs.
     """
     from joblet.actors.root import open_node
+    from joblet.rpc.listeners import open_listener
     from joblet.rpc.persist_service import PersistServer, PersistService, open_persist_listeners
-    from joblet.rpc.server import GrpcServer, open_listener
+    from joblet.rpc.server import GrpcServer
     from joblet.rpc.service import JobService
 
     grpc = config.grpc
@@ -252,11 +261,12 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
         await listener.aclose()
         raise Fatal(f"persist service: {exc.strerror or exc}") from exc
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with listener, persist_listeners:
-            async with open_node(config, lock_state=False) as node:
+        # The servers' nursery outlives the node, so that their drain can outlast its teardown.
+        async with listener, persist_listeners, trio.open_nursery() as servers:
+            async with open_node(config, claim=claim) as node:
                 service = JobService(node.engine, config)
                 server = GrpcServer([service.definition()], ssl_context, grpc, listener=listener)
-                await node.nursery.start(server.run)
+                await servers.start(server.run)
                 persist = PersistService(
                     config.layout.logs_dir,
                     config.layout.metrics_dir,
@@ -264,12 +274,15 @@ async def _run_daemon(config: Config, ssl_context: ssl.SSLContext) -> None:
                     max_send_msg_size=grpc.max_send_msg_size,
                 )
                 persist_server = PersistServer(persist, persist_listeners, ssl_context, config)
-                await node.nursery.start(persist_server.run)
+                await servers.start(persist_server.run)
                 async for signum in signals:
                     logfmt.info("shutdown requested", signal=signal.Signals(signum).name)
                     break
-                # Leaving the node stops every job (gracefully, then by force) and flushes the
-                # logs; the server answers until then, so log streams end with the jobs.
+                # Drain, don't cut: the listeners close now, calls in flight get the servers'
+                # drain timeout. Leaving the node stops every job (gracefully, then by force)
+                # and flushes the logs, so log streams end with their jobs meanwhile.
+                server.stop()
+                persist_server.stop()
 
 
 def _fail(message: str, status: int = EXIT_FAILURE) -> int:

@@ -24,7 +24,8 @@ from cryptography.x509.verification import (
 )
 
 from joblet import certs
-from joblet.certs import CertError, CertPaths, init_certs, role_from_cert_subject
+from joblet.certs import CertError, CertPaths, init_certs
+from joblet.rpc.tls import role_from_cert_subject
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -19,6 +19,7 @@ import concurrent.futures
 import datetime as dt
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -27,20 +28,26 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import attrs
 import grpc
 import h2.config  # type: ignore[import-untyped]
 import h2.connection  # type: ignore[import-untyped]
 import h2.events  # type: ignore[import-untyped]
+import purerpc
 import pytest
 import trio
 import trio.testing
 import yaml
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
 
 from joblet import main as joblet_main
 from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
@@ -49,11 +56,15 @@ from joblet.core.chunks import Chunk
 from joblet.core.errors import JobNotFound, Unauthenticated
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.core.samples import MetricsSample
+from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.protocol import joblet_pb2_grpc as pb_grpc
-from joblet.rpc import auth
-from joblet.rpc.server import GrpcServer, open_listener, server_ssl_context
+from joblet.rpc import auth, tls
+from joblet.rpc.listeners import open_listener, open_unix_listener
+from joblet.rpc.server import GrpcServer
 from joblet.rpc.service import MAX_CHUNK, JobService
+from joblet.rpc.tls import server_ssl_context
+from joblet.rpc.transport import TcpOptionsSocketWrapper
 from tests.conftest import require_root
 from tests.daemon import REPO, Daemon, running_daemon
 
@@ -363,9 +374,9 @@ def test_certificate_validity_window_is_checked() -> None:
     before = dt.datetime(2025, 12, 31, tzinfo=utc)
     inside = dt.datetime(2026, 6, 1, tzinfo=utc)
     after = dt.datetime(2027, 1, 1, tzinfo=utc)
-    assert auth.validity_error(start, end, inside) == ""
-    assert auth.validity_error(start, end, before).endswith("certificate is not yet valid")
-    assert auth.validity_error(start, end, after).endswith("certificate has expired")
+    assert tls.validity_error(start, end, inside) == ""
+    assert tls.validity_error(start, end, before).endswith("certificate is not yet valid")
+    assert tls.validity_error(start, end, after).endswith("certificate has expired")
     expired = auth.Peer(remote="r", subject="CN=x", role="admin", auth_error="boom", problem="")
     with pytest.raises(Unauthenticated, match=r"^boom$"):
         auth.authorize("ListJobs", expired)
@@ -633,14 +644,17 @@ class FakeEngine:
     """An engine whose jobs are canned and whose waits are observable."""
 
     def __init__(self, jobs: int = 1, output: bytes | None = None) -> None:
-        self.output = output  # what follow_log yields before it ends; None: b"first\n", then wait
+        # What follow_log yields before it ends; None: b"first\n", then b"last\n" once released.
+        self.output = output
         spec = JobSpec(command="echo", args=("x" * 100,))
         self.jobs = [
             JobInfo(id=str(uuid.uuid4()), spec=spec, status=JobStatus.COMPLETED, start_time=0.0)
             for _ in range(jobs)
         ]
         self.follow_started = trio.Event()
+        self.release = trio.Event()
         self.follow_closed = trio.Event()
+        self.stop_started = trio.Event()
         self.stop_cancelled = trio.Event()
 
     async def run_job(self, spec: JobSpec) -> JobInfo:
@@ -656,6 +670,7 @@ class FakeEngine:
         return list(self.jobs)
 
     async def stop_job(self, ref: str) -> JobInfo:
+        self.stop_started.set()
         try:
             await trio.sleep_forever()
         finally:
@@ -670,7 +685,8 @@ class FakeEngine:
         try:
             yield Chunk(0, 1, b"first\n", 0)
             self.follow_started.set()
-            await trio.sleep_forever()
+            await self.release.wait()
+            yield Chunk(6, 1, b"last\n", 0)
         finally:
             self.follow_closed.set()
 
@@ -879,6 +895,164 @@ async def test_log_messages_fit_max_send_size(server_certs: CertPaths) -> None:
     assert max(len(m) for m in messages) == 10_000 - 6
 
 
+# --- a graceful stop: drain, don't cut -----------------------------------------------------------
+
+DRAIN = 15.0  # drain timeout of these servers (mock seconds)
+
+
+class UnixClientSocket(GRPCProtoSocket):  # type: ignore[misc]
+    """purerpc's client connection on a Unix socket, failing its calls when the connection ends.
+
+    purerpc's own would set TCP options on the socket, and leave calls waiting forever when the
+    connection closes under them.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        AsyncExitStack.__init__(self)
+        self._grpc_connection = GRPCConnection(GRPCConfiguration(client_side=True))
+        self._socket = TcpOptionsSocketWrapper(self._grpc_connection, stream)
+        self._receive_buffer_size = 1 << 20
+        self._streams: dict[int, Any] = {}
+
+    async def _reader_thread(self) -> None:
+        try:
+            await super()._reader_thread()
+        finally:
+            for stream in list(self._streams.values()):
+                stream._incoming_events[0].close()
+
+
+class UnixChannel:
+    """What purerpc's stubs need of a channel."""
+
+    def __init__(self, grpc_socket: UnixClientSocket) -> None:
+        self._grpc_socket = grpc_socket
+        self._host = "localhost"
+        self._port = 0
+
+
+@asynccontextmanager
+async def unix_client(path: Path) -> AsyncIterator[Any]:
+    """A purerpc ``JobService`` stub on a connection to the Unix socket at ``path``."""
+    async with await anyio.connect_unix(path) as stream:
+        async with UnixClientSocket(stream) as sock:
+            yield joblet_grpc.JobServiceStub(UnixChannel(sock))
+
+
+async def unix_server(engine: FakeEngine, path: Path) -> GrpcServer:
+    """A server of ``engine`` on a Unix socket (each client is admin), draining for DRAIN."""
+    listener = await open_unix_listener(path)
+    service = JobService(engine, Config())
+    return GrpcServer(
+        [service.definition()], None, GrpcSection(), listener=listener, drain_timeout=DRAIN
+    )
+
+
+# In these tests client and server share the trio run and talk over a Unix socket, whose data
+# is readable as soon as it is sent: the mock clock only jumps when every task waits for time.
+
+
+async def test_stop_refuses_new_connections_and_lets_calls_in_flight_finish(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    engine = FakeEngine()
+    path = tmp_path / "drain.sock"
+    server = await unix_server(engine, path)  # bound before the ceiling: binding uses a thread
+    received: list[bytes] = []
+    with trio.fail_after(DRAIN / 2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with unix_client(path) as stub, trio.open_nursery() as calls:
+
+                async def follow() -> None:
+                    async for chunk in stub.GetJobLogs(pb.GetJobLogsReq(id=engine.jobs[0].id)):
+                        received.append(chunk.payload)
+
+                calls.start_soon(follow)
+                await engine.follow_started.wait()
+                stopped_at = trio.current_time()
+                server.stop()
+                await trio.testing.wait_all_tasks_blocked()
+                assert not path.exists()
+                with pytest.raises(FileNotFoundError):
+                    await anyio.connect_unix(path)
+                # A new call on a connection already open is answered, not run.
+                with pytest.raises(purerpc.RpcFailedError) as refused:
+                    await stub.ListJobs(pb.EmptyRequest())
+                assert refused.value.status.status_code == purerpc.StatusCode.UNAVAILABLE
+                assert refused.value.status.status_message == "server is shutting down"
+                assert received == [b"first\n"]
+                engine.release.set()
+            # The connection closed once its last call ended; then run() returned.
+    assert b"".join(received) == b"first\nlast\n"
+    assert engine.follow_closed.is_set()
+    assert trio.current_time() == stopped_at  # drained before any deadline
+
+
+async def test_stop_cancels_what_is_still_running_at_the_drain_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine()
+    path = tmp_path / "drain.sock"
+    server = await unix_server(engine, path)
+    failures: list[BaseException] = []
+    with trio.fail_after(DRAIN * 2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with unix_client(path) as stub, trio.open_nursery() as calls:
+
+                async def stop_job() -> None:
+                    try:
+                        await stub.StopJob(pb.StopJobReq(id=engine.jobs[0].id))
+                    except (purerpc.RpcFailedError, anyio.EndOfStream) as exc:
+                        failures.append(exc)
+
+                calls.start_soon(stop_job)
+                await engine.stop_started.wait()
+                stopped_at = trio.current_time()
+                server.stop()
+                await engine.stop_cancelled.wait()
+                assert trio.current_time() - stopped_at == pytest.approx(DRAIN)
+    # Cut, not answered: the client sees its connection end.
+    assert [type(f) for f in failures] == [anyio.EndOfStream]
+    assert "drain deadline passed" in caplog.text
+    assert "internal error" not in caplog.text
+
+
+async def test_grpcio_streams_finish_while_the_server_drains(server_certs: CertPaths) -> None:
+    engine = FakeEngine()
+    ctx = server_ssl_context(
+        server_certs.ca_cert, server_certs.server_cert, server_certs.server_key
+    )
+    config = GrpcSection(address="127.0.0.1")
+    listener = await open_listener("127.0.0.1", 0)
+    service = JobService(engine, Config(grpc=config))
+    server = GrpcServer([service.definition()], ctx, config, listener=listener, drain_timeout=60)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.run)
+            port = int(addresses[0].rsplit(":", 1)[1])
+            channel, stub = local_stub(server_certs, port)
+            try:
+                call = stub.GetJobLogs(pb.GetJobLogsReq(id=engine.jobs[0].id), timeout=T)
+                first = await trio.to_thread.run_sync(next, call, abandon_on_cancel=True)
+                assert first.payload == b"first\n"
+                server.stop()
+                await trio.testing.wait_all_tasks_blocked()
+                fresh, fresh_stub = local_stub(server_certs, port)
+                with fresh:
+                    err = await trio.to_thread.run_sync(
+                        rpc_error, lambda: fresh_stub.ListJobs(pb.EmptyRequest(), timeout=T)
+                    )
+                assert err.code() == Code.UNAVAILABLE  # connection refused
+                engine.release.set()
+                rest = await trio.to_thread.run_sync(lambda: [c.payload for c in call])
+                assert rest == [b"last\n"]
+                assert call.code() == Code.OK
+            finally:
+                channel.close()
+
+
 # --- roles, without a server ----------------------------------------------------------------------
 
 
@@ -952,6 +1126,26 @@ def test_serve_refuses_to_run_unprivileged(
         "joblet: joblet serve must run as root: jobs need namespaces and cgroups "
         "(current uid: 1000)\n"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_refuses_new_connections_and_lets_log_streams_end_with_their_jobs() -> None:
+    require_root()
+    with running_daemon() as d:
+        channel = open_channel(d.target, d.certs.ca_cert, (d.certs.admin_cert, d.certs.admin_key))
+        with channel:
+            stub = job_stub(channel)
+            job = run(stub, "sh", "-c", "echo hi; exec sleep 1000")
+            call = stub.GetJobLogs(pb.GetJobLogsReq(id=job.id), timeout=T)
+            assert next(call).payload == b"hi\n"
+            d.process.send_signal(signal.SIGTERM)
+            d.wait_for_log("gRPC server draining")
+            with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+                probe.connect(("127.0.0.1", d.port))
+            assert list(call) == []  # the job was stopped: its stream ends, it is not cut
+            assert call.code() == Code.OK
+        assert d.process.wait(T) == 0
+        assert "drain deadline passed" not in d.log()
 
 
 @pytest.mark.slow

@@ -38,14 +38,14 @@ from joblet.core.model import JobStatus
 from joblet.core.samples import MetricRecord
 from joblet.protocol import persist_pb2 as pb
 from joblet.protocol import persist_pb2_grpc as pb_grpc
+from joblet.rpc.persist_codec import encode_log_responses
 from joblet.rpc.persist_service import (
     PersistServer,
     PersistService,
-    encode_log_responses,
     open_persist_listeners,
     socket_path,
 )
-from joblet.rpc.server import server_ssl_context
+from joblet.rpc.tls import server_ssl_context
 from joblet.store.logfiles import LogFileWriter
 from joblet.store.metricfiles import MetricsWriter, metrics_path
 from joblet.testing import Harness
@@ -229,7 +229,7 @@ async def test_unknown_job_is_not_found(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with serving(tmp_path) as served:
             for method in ("QueryLogs", "QueryMetrics"):
-                for ref in ("nope", "../logs", "f47ac10b-58cc-4372-a567-0e02b2c3d47x"):
+                for ref in ("nope", ".", "..", "../logs", "f47ac10b-58cc-4372-a567-0e02b2c3d47x"):
                     code, details = await error(served.unix, method, job_id=ref)
                     assert (code, details) == (Code.NOT_FOUND, f"job not found: {ref}")
 

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ from typing import IO
 import attrs
 import pytest
 
-from joblet.certs import create_ca, issue_client_cert
+from cli.client import ClientSettings, ConfigError, make_ssl_context
+from joblet.certs import create_ca, init_certs, issue_client_cert
 from tests.conftest import require_root
 from tests.daemon import Daemon, running_daemon
 
@@ -331,6 +333,26 @@ def test_ctrl_c_while_following_exits_quietly(rnx: Env) -> None:
         follower.kill()
         follower.communicate()
         rnx.run("job", "stop", job_id)
+
+
+def test_unloadable_certificate_files_are_one_line_config_errors(tmp_path: Path) -> None:
+    certs = init_certs(tmp_path / "certs")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^cannot load CA certificate \S+/junk\.pem: \S"):
+        make_ssl_context(ClientSettings(cert=certs.admin_cert, key=certs.admin_key, ca=junk))
+    mismatched = ClientSettings(cert=certs.admin_cert, key=certs.viewer_key, ca=certs.ca_cert)
+    with pytest.raises(
+        ConfigError,
+        match=r"^cannot load client certificate \S+ with key \S+viewer-client-key\.pem: ",
+    ):
+        make_ssl_context(mismatched)
+    assert (
+        make_ssl_context(
+            ClientSettings(cert=certs.admin_cert, key=certs.admin_key, ca=certs.ca_cert)
+        ).minimum_version
+        == ssl.TLSVersion.TLSv1_2
+    )
 
 
 def _dead_port() -> int:

@@ -15,7 +15,7 @@ import contextlib
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,8 +34,7 @@ from joblet.config import Config, StateLayout
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
-from joblet.sys import launch
-from joblet.sys import locks as locks_
+from joblet.sys import launch, locks
 from joblet.sys.cgroups import CgroupDriver, detect_driver
 
 
@@ -69,22 +68,54 @@ def load_node_id(path: Path) -> str:
     return node_id
 
 
+@attrs.frozen
+class NodeClaim:
+    """What a node holds before it starts: its state directory and cgroup parent, locked.
+
+    Attributes:
+        layout: The paths under the (resolved) state directory.
+        driver: The cgroup driver, its parent group locked (not set up yet).
+    """
+
+    layout: StateLayout
+    driver: CgroupDriver
+
+
+@contextlib.contextmanager
+def claim_node(config: Config) -> Iterator[NodeClaim]:
+    """Lock the state directory and the cgroup parent for the ``with`` block.
+
+    A daemon holds both for its whole life (:mod:`joblet.sys.locks`): a second one on either
+    refuses to start, and recovery only ever sweeps a parent its node holds. Synchronous, so
+    ``joblet serve`` takes the locks before it touches anything in the state directory and a
+    refusal surfaces as itself (not inside an exception group of the servers' nursery).
+
+    Raises:
+        LockHeld: Another daemon holds the state directory or the cgroup parent.
+        CgroupUnavailable: The cgroup configuration cannot work on this host.
+    """
+    layout = attrs.evolve(config.layout, root=config.state_dir.resolve())
+    with locks.hold_state_dir(layout.root, layout.lock):
+        driver = detect_driver(config.cgroup)
+        # Locked before anything is set up or swept under it.
+        lock_dir = driver.parent_dirs()[0]
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with locks.hold(lock_dir, "cgroup parent", directory=True):
+            yield NodeClaim(layout=layout, driver=driver)
+
+
 @asynccontextmanager
 async def open_node(
-    config: Config, *, shutdown_grace: float = 10.0, lock_state: bool = True
+    config: Config, *, shutdown_grace: float = 10.0, claim: NodeClaim | None = None
 ) -> AsyncIterator[Node]:
     """Run a joblet node inside the caller's trio run.
-
-    The node holds an exclusive lock on its state directory and on its cgroup parent for its
-    whole life (:mod:`joblet.sys.locks`): a second node on either refuses to start, and recovery
-    only ever sweeps a parent this node holds.
 
     Args:
         config: The configuration (its ``state_dir`` is created if missing).
         shutdown_grace: On exit, how long running jobs get to stop gracefully before the engine
             is cancelled (which kills them).
-        lock_state: Take the state directory's lock; False when the caller already holds it
-            (``joblet serve`` takes it before it prepares the certificates in there).
+        claim: The locks, taken by the caller with :func:`claim_node` (``joblet serve`` does);
+            by default the node takes them itself for its life.
 
     Yields:
         The running node.
@@ -92,16 +123,10 @@ async def open_node(
     Raises:
         LockHeld: Another daemon holds the state directory or the cgroup parent.
     """
-    layout = attrs.evolve(config.layout, root=config.state_dir.resolve())
-    with contextlib.ExitStack() as locks:
-        if lock_state:
-            locks.enter_context(locks_.hold_state_dir(layout.root, layout.lock))
-        driver = detect_driver(config.cgroup)
-        # Locked before anything is set up or swept under it.
-        lock_dir = driver.parent_dirs()[0]
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        locks.enter_context(locks_.hold(lock_dir, "cgroup parent", directory=True))
-        async with _open_node(config, layout, driver, shutdown_grace) as node:
+    with contextlib.ExitStack() as stack:
+        if claim is None:
+            claim = stack.enter_context(claim_node(config))
+        async with _open_node(config, claim.layout, claim.driver, shutdown_grace) as node:
             yield node
 
 

@@ -1,10 +1,10 @@
 """Who is calling, and what they may do.
 
-Every connection is mutual TLS: the server has verified the client's certificate against the CA
-before a single request arrives (:mod:`joblet.rpc.server`). What is left to decide here is the
-client's role, read from the certificate subject's OU (``OU=admin`` or ``OU=viewer``,
-case-insensitive; with several OUs the first that names a role wins), and whether that role may
-call a method.
+A TCP connection is mutual TLS: the server has verified the client's certificate against the CA
+before a single request arrives, and :func:`joblet.rpc.tls.peer_from_certificate` has read the
+client's role from it. A Unix socket connection has no certificate: whoever can open the socket
+file is :func:`local_peer`. What is left to decide here is whether the caller's role may call a
+method (:func:`authorize`).
 
 The server sets :data:`current_peer` once per connection; every request task of that connection
 inherits it, so :func:`authorize` needs nothing but the method name.
@@ -13,15 +13,17 @@ inherits it, so :func:`authorize` needs nothing but the method name.
 from __future__ import annotations
 
 import contextvars
-import datetime
 import re
+import socket
+import struct
 
+import anyio.abc
 import attrs
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
-from joblet.certs import ROLES, role_from_cert_subject
 from joblet.core.errors import PermissionDenied, Unauthenticated
+
+#: The roles a client certificate's OU can name.
+ROLES: tuple[str, ...] = ("admin", "viewer")
 
 #: Methods a viewer may call: the read-only ones of ``joblet.JobService`` (spec 001's role table)
 #: and the Persist Service's queries. An admin may call every method, including ones added later.
@@ -90,51 +92,21 @@ def local_peer(remote: str, *, uid: int | None = None, pid: int | None = None) -
     return Peer(remote=remote, subject=subject or "unix socket client", role="admin", problem="")
 
 
-def validity_error(
-    not_before: datetime.datetime, not_after: datetime.datetime, now: datetime.datetime
-) -> str:
-    """OpenSSL's wording when ``now`` is outside a certificate's validity, else ``""``."""
-    if now < not_before:
-        return "certificate verify failed: certificate is not yet valid"
-    if now > not_after:
-        return "certificate verify failed: certificate has expired"
-    return ""
-
-
-def peer_from_certificate(
-    der: bytes | None, remote: str, *, now: datetime.datetime | None = None
-) -> Peer:
-    """Describe a verified client from its certificate.
-
-    The TLS handshake verifies the chain but not the validity period (see
-    :func:`joblet.rpc.server.server_ssl_context`): it is checked here, so that an expired
-    certificate gets the spec's UNAUTHENTICATED answer instead of a refused connection.
-
-    Args:
-        der: The certificate the TLS handshake verified (DER), or None if there was none.
-        remote: The client's address.
-        now: The time to check validity against (default: now).
-    """
-    if der is None:
-        return Peer(remote=remote, problem="no client certificate provided")
+def unix_peer(stream: anyio.abc.SocketStream) -> Peer:
+    """The client of a Unix socket connection, named by its credentials (``SO_PEERCRED``)."""
+    path = str(stream.extra(anyio.abc.SocketAttribute.local_address, "?"))
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:  # cannot happen after OpenSSL verified it, but never crash on it
-        return Peer(remote=remote, problem=f"unreadable client certificate: {exc}")
-    subject = cert.subject.rfc4514_string()
-    now = now or datetime.datetime.now(datetime.UTC)
-    expired = validity_error(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
-    if expired:
-        return Peer(remote=remote, subject=subject, problem=expired, auth_error=expired)
-    role = role_from_cert_subject(cert)
-    if role is not None:
-        return Peer(remote=remote, subject=subject, role=role, problem="")
-    ous = [
-        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    ]
-    found = ", ".join(repr(ou) for ou in ous) if ous else "none"
-    problem = f"no role in client certificate: OU must be {' or '.join(ROLES)} (found: {found})"
-    return Peer(remote=remote, subject=subject, problem=problem)
+        if sock is None:
+            raise OSError("no socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, _gid = _UCRED.unpack(creds)
+    except OSError:
+        return local_peer(f"unix:{path}")
+    return local_peer(f"unix:{path}", uid=uid, pid=pid)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def operation_name(method: str) -> str:

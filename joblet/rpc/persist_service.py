@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from itertools import accumulate, chain
-from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +36,15 @@ import trio
 
 from joblet import logfmt
 from joblet.config import Config
-from joblet.core.chunks import STDERR, STDOUT, STREAM_NAMES, STREAMS
-from joblet.core.errors import AmbiguousJobId, InvalidRequest, JobNotFound
+from joblet.core.chunks import STDERR, STDOUT, STREAMS
+from joblet.core.errors import InvalidRequest
+from joblet.core.ids import is_job_id, resolve_prefix
 from joblet.core.lines import LineQuery, Lines
-from joblet.core.samples import MetricRecord
 from joblet.protocol import persist_grpc
-from joblet.protocol import persist_pb2 as pb
-from joblet.rpc.server import (
-    GrpcServer,
-    Handler,
-    Send,
-    ServiceDef,
-    UnixSocketListener,
-    open_listener,
-    open_unix_listener,
-)
+from joblet.rpc.dispatch import Handler, Send, ServiceDef
+from joblet.rpc.listeners import UnixSocketListener, open_listener, open_unix_listener
+from joblet.rpc.persist_codec import EncodedMessage, encode_log_responses, metric_messages
+from joblet.rpc.server import GrpcServer
 from joblet.store.logfiles import job_log_dir
 from joblet.store.loglines import LogLineReader
 from joblet.store.metricfiles import metrics_path, read_metric_records
@@ -64,8 +55,6 @@ METRIC_TYPES: tuple[str, ...] = ("cpu", "memory", "io", "gpu", "network", "proce
 STREAMS_BY_NAME: dict[str, int] = {"stdout": STDOUT, "stderr": STDERR}
 #: Bytes per ``QueryLogsResponse`` (about): large messages stream fastest.
 MESSAGE_BYTES = 64 << 10
-#: Samples per ``QueryMetricsResponse``.
-METRIC_BATCH = 1000
 #: Unix socket mode: the daemon's user (root) only.
 SOCKET_MODE = 0o600
 #: Reader steps (about 1 MB of log each) one worker thread call may take to find lines.
@@ -163,7 +152,7 @@ class PersistService:
                 if (not metric_type or r.metric_type == metric_type)
                 and low <= r.timestamp_ns < high
             ]
-            return _metric_messages(picked[:limit] if limit else picked)
+            return metric_messages(picked[:limit] if limit else picked)
 
         for message in await trio.to_thread.run_sync(select):
             await send(message)
@@ -178,18 +167,14 @@ class PersistService:
         return await trio.to_thread.run_sync(self._resolve_sync, ref, known)
 
     def _resolve_sync(self, ref: str, known: set[str]) -> str:
-        plain = "/" not in ref and "\0" not in ref and ref not in (".", "..")
-        if plain and (
+        # A whole id whose directory exists needs no listing of the directories (and only a
+        # job id may be joined to them as a path).
+        if is_job_id(ref) and (
             ref in known or (self._logs_dir / ref).is_dir() or (self._metrics_dir / ref).is_dir()
         ):
             return ref
         candidates = known | _entries(self._logs_dir) | _entries(self._metrics_dir)
-        matches = sorted(c for c in candidates if c.startswith(ref))
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise AmbiguousJobId(ref, len(matches))
-        raise JobNotFound(ref)
+        return resolve_prefix(ref, candidates)
 
     def _next_log_messages(self, reader: LogLineReader) -> list[EncodedMessage]:
         """The next step of a QueryLogs answer as messages (in the worker thread)."""
@@ -203,121 +188,6 @@ class PersistService:
         return (
             encode_log_responses(groups, target=self._target, piece=self._piece) if groups else []
         )
-
-
-class EncodedMessage:
-    """A message serialized already: what :func:`encode_log_responses` makes.
-
-    The server sends a message through ``ByteSize()`` and ``SerializeToString()`` only (see
-    :meth:`joblet.rpc.server.ConnectionHandler._send`), which this provides.
-    """
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def ByteSize(self) -> int:
-        """Size of the serialized message."""
-        return len(self.data)
-
-    def SerializeToString(self) -> bytes:
-        """The serialized message."""
-        return self.data
-
-
-def encode_log_responses(groups: list[Lines], *, target: int, piece: int) -> list[EncodedMessage]:
-    """``QueryLogsResponse`` messages holding ``groups``' lines, each about ``target`` bytes.
-
-    Encoded by hand: building a protobuf object per line costs about five times more than the
-    rest of a query, and the layout is three fields. Lines are valid UTF-8 already (see
-    :mod:`joblet.store.loglines`); one longer than ``piece`` bytes is sent as several entries
-    with the same timestamp, cut between characters, so that no message is larger than
-    ``piece`` plus one entry's framing.
-    """
-    messages: list[EncodedMessage] = []
-    parts: list[bytes] = []
-    size = 0
-    for ts, stream, lines in groups:
-        if max(map(len, lines)) > piece:
-            lines = [p for line in lines for p in _pieces(line, piece)]
-        prefix = _TIMESTAMP_TAG + _varint(ts) + _STREAM_FIELDS[stream] + _CONTENT_TAG
-        lengths = list(map(len, lines))
-        heads = {n: _entry_head(prefix, n) for n in set(lengths)}
-        head_of = list(map(heads.__getitem__, lengths))
-        # ends[i]: bytes of lines 0..i with their heads.
-        ends = list(accumulate(map(add, map(len, head_of), lengths)))
-        start = 0
-        while start < len(lines):
-            base = ends[start - 1] if start else 0
-            stop = bisect_right(ends, base + target - size, lo=start)
-            if stop == start:
-                if size:  # this message is full: the next line starts a new one
-                    messages.append(EncodedMessage(b"".join(parts)))
-                    parts, size = [], 0
-                    continue
-                stop = start + 1  # a line larger than ``target`` goes alone
-            parts.extend(
-                chain.from_iterable(zip(head_of[start:stop], lines[start:stop], strict=True))
-            )
-            size += ends[stop - 1] - base
-            start = stop
-    if parts:
-        messages.append(EncodedMessage(b"".join(parts)))
-    return messages
-
-
-# Field keys of LogEntry (timestamp = 1 varint, stream = 2 and content = 3 length-delimited) and
-# of QueryLogsResponse.entries (1, length-delimited).
-_TIMESTAMP_TAG = b"\x08"
-_CONTENT_TAG = b"\x1a"
-_ENTRIES_TAG = b"\x0a"
-_STREAM_FIELDS = {
-    stream: b"\x12" + bytes([len(name)]) + name.encode() for stream, name in STREAM_NAMES.items()
-}
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf's base-128 varint; a negative int64 takes ten bytes (two's complement)."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _entry_head(prefix: bytes, n: int) -> bytes:
-    """What precedes an ``n``-byte line in the message: the entry's key and length, its
-    timestamp and stream fields, the content's key and length."""
-    length = _varint(n)
-    return _ENTRIES_TAG + _varint(len(prefix) + len(length) + n) + prefix + length
-
-
-def _pieces(line: bytes, size: int) -> list[bytes]:
-    """``line`` cut into pieces of at most ``size`` bytes, never inside a UTF-8 character."""
-    out = []
-    start = 0
-    while len(line) - start > size:
-        cut = start + size
-        while line[cut] & 0xC0 == 0x80:  # a continuation byte: back to the character's start
-            cut -= 1
-        out.append(line[start:cut])
-        start = cut
-    out.append(line[start:])
-    return out
-
-
-def _metric_messages(records: list[MetricRecord]) -> list[Any]:
-    messages = []
-    for i in range(0, len(records), METRIC_BATCH):
-        message = pb.QueryMetricsResponse()
-        add = message.samples.add
-        for r in records[i : i + METRIC_BATCH]:
-            add(timestamp=r.timestamp_ns, metric_type=r.metric_type, values=r.values)
-        messages.append(message)
-    return messages
 
 
 def _entries(directory: Path) -> set[str]:
@@ -458,10 +328,16 @@ class PersistServer:
             )
         self._listeners = listeners
 
+    def stop(self) -> None:
+        """Stop gracefully: close the listeners, drain (see :meth:`GrpcServer.stop`)."""
+        for server in self._servers:
+            server.stop()
+
     async def run(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve until cancelled; ``started()`` reports every listening address."""
+        """Serve until :meth:`stop` (then drain) or cancelled; ``started()`` reports every
+        listening address."""
         try:
             async with trio.open_nursery() as nursery:
                 addresses: list[str] = []

@@ -2,7 +2,7 @@
 
 RunJob, GetJobStatus, StopJob, ListJobs, GetJobLogs and GetJobMetrics are implemented; every
 other RPC of the proto answers UNIMPLEMENTED (``CancelJob is not implemented yet``). Who may call
-what is checked before a handler runs (:mod:`joblet.rpc.server`, :mod:`joblet.rpc.auth`); what a
+what is checked before a handler runs (:mod:`joblet.rpc.dispatch`, :mod:`joblet.rpc.auth`); what a
 handler raises becomes a status in :mod:`joblet.rpc.errors`.
 """
 
@@ -24,7 +24,7 @@ from joblet.core.validate import build_spec
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc import auth, convert
-from joblet.rpc.server import Handler, Send, ServiceDef
+from joblet.rpc.dispatch import Handler, Send, ServiceDef
 
 #: Largest ``DataChunk`` payload GetJobLogs sends (bigger pieces of output are split).
 MAX_CHUNK = 64 * 1024
