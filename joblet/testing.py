@@ -35,8 +35,7 @@ import attrs
 from joblet.actors.engine import Engine
 from joblet.actors.root import Node, open_node
 from joblet.config import CgroupSection, Config
-from joblet.core.model import JobInfo
-from joblet.core.validate import build_spec
+from joblet.core.model import JobInfo, RunRequest
 
 
 @attrs.frozen
@@ -68,18 +67,17 @@ class Harness:
         network: str = "",
     ) -> JobInfo:
         """Validate and start a job, as RunJob would; returns once it runs (or failed to start)."""
-        spec = build_spec(
+        request = RunRequest(
             command=command,
             args=args,
             max_cpu=max_cpu,
             max_memory=max_memory,
             max_iobps=max_iobps,
             cpu_cores=cpu_cores,
-            env=env,
+            env=env or {},
             network=network,
-            defaults=self.node.config.default_limits(),
         )
-        return await self.engine.run_job(spec)
+        return await self.engine.run_job(request)
 
     async def wait(self, job_id: str) -> JobInfo:
         """Wait for the job to end and be cleaned up."""

@@ -54,7 +54,7 @@ from joblet.certs import CertPaths, create_ca, init_certs, issue_client_cert
 from joblet.config import Config, GrpcSection, StateLayout, load_config
 from joblet.core.chunks import Chunk
 from joblet.core.errors import JobNotFound, Unauthenticated
-from joblet.core.model import JobInfo, JobSpec, JobStatus
+from joblet.core.model import JobInfo, JobSpec, JobStatus, RunRequest
 from joblet.core.samples import MetricsSample
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
@@ -657,7 +657,7 @@ class FakeEngine:
         self.stop_started = trio.Event()
         self.stop_cancelled = trio.Event()
 
-    async def run_job(self, spec: JobSpec) -> JobInfo:
+    async def run_job(self, request: RunRequest) -> JobInfo:
         raise AssertionError("not used")
 
     def get(self, ref: str) -> JobInfo:

@@ -21,7 +21,7 @@ from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.server import ConnectionHandler
 
-from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits
+from joblet.core.model import JobInfo, JobSpec, JobStatus, Limits, RunRequest
 from joblet.protocol import joblet_grpc, joblet_pb2_grpc, persist_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.protocol import persist_pb2 as persist_pb
@@ -467,24 +467,24 @@ def test_spec_fields_from_run_req_passes_raw_values() -> None:
         network="weird",
         name="n",
     )
-    assert convert.spec_fields_from_run_req(req) == {
-        "command": "  ",
-        "args": ("a", ""),
-        "max_cpu": -5,
-        "max_memory": 0,
-        "max_iobps": 7,
-        "cpu_cores": "bogus",
-        "env": {"1BAD": "x"},
-        "network": "weird",
-        "name": "n",
-    }
+    assert convert.run_request(req) == RunRequest(
+        command="  ",
+        args=("a", ""),
+        max_cpu=-5,
+        max_memory=0,
+        max_iobps=7,
+        cpu_cores="bogus",
+        env={"1BAD": "x"},
+        network="weird",
+        name="n",
+    )
 
 
-def test_spec_fields_feed_build_spec() -> None:
-    from joblet.core.validate import build_spec
+def test_run_requests_feed_build_spec() -> None:
+    from joblet.core.validate import HostFacts, build_spec
 
-    fields = convert.spec_fields_from_run_req(pb.RunJobReq(command="echo", args=["hi"]))
-    spec = build_spec(**fields, defaults=Limits())
+    request = convert.run_request(pb.RunJobReq(command="echo", args=["hi"]))
+    spec = build_spec(request, defaults=Limits(), host=HostFacts(1024, frozenset({0})))
     assert (spec.command, spec.args, spec.network) == ("echo", ("hi",), "host")
 
 

@@ -28,8 +28,9 @@ from joblet.core.errors import (
     ShuttingDown,
 )
 from joblet.core.ids import new_job_id, resolve_prefix
-from joblet.core.model import JobInfo, JobSpec
+from joblet.core.model import JobInfo, RunRequest
 from joblet.core.samples import MetricsSample
+from joblet.core.validate import HostFacts, build_spec
 from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileReader, job_log_dir
 
@@ -85,8 +86,10 @@ class Engine:
         ctx: The services every job uses.
     """
 
-    def __init__(self, ctx: JobContext, past: list[JobInfo] | None = None) -> None:
+    def __init__(self, ctx: JobContext, host: HostFacts, past: list[JobInfo] | None = None) -> None:
         self._ctx = ctx
+        self._host = host
+        self._defaults = ctx.config.default_limits()
         self._jobs: dict[str, _Entry] = {i.id: EndedJob(i, ctx) for i in past or ()}
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -124,19 +127,21 @@ class Engine:
             for actor in running:
                 await actor.done.wait()
 
-    async def run_job(self, spec: JobSpec) -> JobInfo:
-        """Start a job and return once it runs, or has failed to start.
+    async def run_job(self, request: RunRequest) -> JobInfo:
+        """Check a run request, start its job and return once it runs, or has failed to start.
 
         Args:
-            spec: A validated spec (see :func:`joblet.core.validate.build_spec`).
+            request: What the client sent (checked here: :func:`joblet.core.validate.build_spec`).
 
         Returns:
             The job's info: RUNNING, or FAILED with ``reason`` "start failed: ...".
 
         Raises:
+            InvalidRequest: The request is malformed or exceeds the host (nothing was created).
             ResourceExhausted: ``maxConcurrentJobs`` jobs are already running.
             ShuttingDown: The engine is stopping.
         """
+        spec = build_spec(request, defaults=self._defaults, host=self._host)
         if self._closing or self._nursery is None:
             raise ShuttingDown("joblet is shutting down")
         cap = self._ctx.config.joblet.max_concurrent_jobs

@@ -36,6 +36,7 @@ from joblet.core.model import JobInfo, JobStatus
 from joblet.store.joblog import LogBudget
 from joblet.sys import launch, locks
 from joblet.sys.cgroups import CgroupDriver, detect_driver
+from joblet.sys.host import read_host_facts
 
 
 @attrs.frozen
@@ -167,7 +168,7 @@ async def _open_node(
         # Before the engine and stopped after it: every job start goes through it.
         await system.start(supervise, "stage1-pool", ctx.launcher.run)
         past = await recover(ctx, past)
-        engine = Engine(ctx, past)
+        engine = Engine(ctx, read_host_facts(), past)
         async with trio.open_nursery() as jobs:
             await jobs.start(engine.run)
             retention = RetentionActor(

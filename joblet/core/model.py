@@ -53,6 +53,37 @@ class Limits:
 
 
 @attrs.frozen
+class RunRequest:
+    """What a client sent to run a job, not yet checked: the one list of a run request's fields.
+
+    Zero or empty means "not set" (proto3's default): the configured default applies. The gRPC
+    edge fills it from a ``RunJobReq``; the harness from its arguments; the engine checks it
+    (:func:`joblet.core.validate.build_spec`).
+
+    Attributes:
+        command: The program.
+        args: Its arguments.
+        max_cpu: CPU quota in percent of one core (``maxCPU``).
+        max_memory: Memory limit in MiB (``maxMemory``).
+        max_iobps: IO limit in bytes per second (``maxIOBPS``).
+        cpu_cores: cpuset list such as ``"0-1"`` (``cpuCores``).
+        env: Environment variables for the job (``environment``).
+        network: ``"host"``, ``"none"``, or empty for the default.
+        name: Optional readable name.
+    """
+
+    command: str
+    args: tuple[str, ...] = ()
+    max_cpu: int = 0
+    max_memory: int = 0
+    max_iobps: int = 0
+    cpu_cores: str = ""
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    network: str = ""
+    name: str = ""
+
+
+@attrs.frozen
 class JobSpec:
     """What a client asked to run.
 

@@ -1,18 +1,20 @@
-"""Turning a client's raw request into a :class:`~joblet.core.model.JobSpec`, or a clear error.
+"""Turning a client's :class:`~joblet.core.model.RunRequest` into a checked ``JobSpec``.
 
-Lives in the engine (not the gRPC layer) so every way in (gRPC, the in-process harness) gets the
-same checks. Every error names the field and the problem.
+The engine calls it (not the gRPC layer), so every way in (gRPC, the in-process harness) gets the
+same checks. What it needs to know of the host comes in as :class:`HostFacts` (read once by the
+node, :func:`joblet.sys.host.read_host_facts`): validation reads nothing itself. Every error names
+the field and the problem.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping, Sequence
+
+import attrs
 
 from joblet.core.cpus import CpuListError, parse_cpu_list
 from joblet.core.errors import InvalidRequest
-from joblet.core.model import JobSpec, Limits
+from joblet.core.model import JobSpec, Limits, RunRequest
 
 MAX_COMMAND_LEN = 4096
 #: Linux refuses a single argv/env string longer than this (MAX_ARG_STRLEN).
@@ -24,14 +26,17 @@ NETWORK_MODES = ("host", "none")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def host_memory_mb() -> int:
-    """Total memory of the host in MiB."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+@attrs.frozen
+class HostFacts:
+    """What validation needs to know of the host.
 
+    Attributes:
+        memory_mb: Total memory in MiB.
+        cpus: The CPUs the daemon may use.
+    """
 
-def host_cpus() -> set[int]:
-    """CPUs the daemon may use."""
-    return set(os.sched_getaffinity(0))
+    memory_mb: int
+    cpus: frozenset[int]
 
 
 def _text(field: str, value: str) -> str:
@@ -52,26 +57,22 @@ def parse_cpuset(spec: str) -> set[int]:
         raise InvalidRequest(f"invalid cpuCores: {e.text!r} ({e.problem})") from None
 
 
-def build_spec(
-    *,
-    command: str,
-    args: Sequence[str] = (),
-    max_cpu: int = 0,
-    max_memory: int = 0,
-    max_iobps: int = 0,
-    cpu_cores: str = "",
-    env: Mapping[str, str] | None = None,
-    network: str = "",
-    name: str = "",
-    defaults: Limits,
-) -> JobSpec:
-    """Validate a run request and apply the configured defaults.
+def build_spec(request: RunRequest, *, defaults: Limits, host: HostFacts) -> JobSpec:
+    """Check a run request and apply the configured defaults.
 
     Zero (proto3's "unset") for a limit means the configured default.
+
+    Args:
+        request: What the client sent.
+        defaults: The configured limits for what the request leaves unset.
+        host: The host's memory and CPUs, which limits may not exceed.
 
     Raises:
         InvalidRequest: With a message naming the field and the problem.
     """
+    command, args, env = request.command, request.args, dict(request.env)
+    max_cpu, max_memory, max_iobps = request.max_cpu, request.max_memory, request.max_iobps
+    cpu_cores, network, name = request.cpu_cores, request.network, request.name
     if not command or not command.strip():
         raise InvalidRequest("invalid command: command is required")
     _text("command", command)
@@ -85,7 +86,6 @@ def build_spec(
         if len(arg.encode()) >= MAX_ARG_LEN:
             raise InvalidRequest(f"invalid args[{i}]: longer than {MAX_ARG_LEN - 1} bytes")
         total += len(arg.encode()) + 1
-    env = dict(env or {})
     for key, value in env.items():
         if not _ENV_NAME.match(key):
             raise InvalidRequest(f"invalid environment variable name: {key!r}")
@@ -103,19 +103,19 @@ def build_spec(
     for field, limit in limit_fields:
         if limit < 0:
             raise InvalidRequest(f"invalid {field}: must not be negative (got {limit})")
-    ncpu = len(host_cpus())
+    ncpu = len(host.cpus)
     if max_cpu > 100 * ncpu:
         raise InvalidRequest(
             f"job creation failed: maxCPU exceeds system limits ({max_cpu}% > {100 * ncpu}%)"
         )
-    mem_total = host_memory_mb()
+    mem_total = host.memory_mb
     if max_memory > mem_total:
         raise InvalidRequest(
             "job creation failed: maxMemory exceeds system limits "
             f"({max_memory} MB > {mem_total} MB)"
         )
     if cpu_cores:
-        missing = parse_cpuset(cpu_cores) - host_cpus()
+        missing = parse_cpuset(cpu_cores) - host.cpus
         if missing:
             raise InvalidRequest(
                 f"invalid cpuCores: {cpu_cores!r} names CPUs this host does not have: "

@@ -18,11 +18,10 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Iterable
-from typing import TypedDict
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from joblet.core.model import JobInfo
+from joblet.core.model import JobInfo, RunRequest
 from joblet.core.samples import MetricsSample
 from joblet.protocol import joblet_pb2 as pb
 
@@ -124,27 +123,12 @@ def stop_job_res(info: JobInfo) -> pb.StopJobRes:
     )
 
 
-class RunRequestFields(TypedDict):
-    """The raw values of a ``RunJobReq``, named as :func:`~joblet.core.validate.build_spec` has."""
+def run_request(req: pb.RunJobReq) -> RunRequest:
+    """A ``RunJobReq``'s values, not checked (the engine checks them).
 
-    command: str
-    args: tuple[str, ...]
-    max_cpu: int
-    max_memory: int
-    max_iobps: int
-    cpu_cores: str
-    env: dict[str, str]
-    network: str
-    name: str
-
-
-def spec_fields_from_run_req(req: pb.RunJobReq) -> RunRequestFields:
-    """Extract a ``RunJobReq``'s values without validating them.
-
-    Proto3 zeros stay zeros ("unset": the engine applies its defaults). The result is meant for
-    ``build_spec(**fields, defaults=...)``, which does every check.
+    Proto3 zeros stay zeros ("unset": the engine applies its defaults).
     """
-    return RunRequestFields(
+    return RunRequest(
         command=req.command,
         args=tuple(req.args),
         max_cpu=req.maxCPU,

@@ -18,9 +18,8 @@ from joblet import logfmt
 from joblet.config import Config
 from joblet.core.chunks import Chunk
 from joblet.core.errors import InvalidRequest, JobletError
-from joblet.core.model import JobInfo, JobSpec
+from joblet.core.model import JobInfo, RunRequest
 from joblet.core.samples import MetricsSample
-from joblet.core.validate import build_spec
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc import auth, convert
@@ -37,7 +36,7 @@ LOG_PREFETCH = 16
 class JobEngine(Protocol):
     """What the service needs of the engine (:class:`joblet.actors.engine.Engine`)."""
 
-    async def run_job(self, spec: JobSpec) -> JobInfo:
+    async def run_job(self, request: RunRequest) -> JobInfo:
         """Start a job."""
         ...
 
@@ -75,12 +74,11 @@ class JobService:
 
     Args:
         engine: The node's engine.
-        config: The daemon's configuration (job defaults).
+        config: The daemon's configuration (message sizes).
     """
 
     def __init__(self, engine: JobEngine, config: Config) -> None:
         self._engine = engine
-        self._defaults = config.default_limits()
         # A DataChunk adds at most 6 bytes (tag, length) to its payload.
         self._chunk_size = max(1, min(MAX_CHUNK, config.grpc.max_send_msg_size - 6))
 
@@ -107,8 +105,7 @@ class JobService:
         A job that fails to start is not an error of the call: it is answered with status FAILED
         and the reason (``reason``), like any other job that ended.
         """
-        spec = build_spec(**convert.spec_fields_from_run_req(req), defaults=self._defaults)
-        info = await self._engine.run_job(spec)
+        info = await self._engine.run_job(convert.run_request(req))
         logfmt.info(
             "job run requested",
             jobId=info.id,
