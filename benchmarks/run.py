@@ -352,8 +352,8 @@ async def start_breakdown(args: argparse.Namespace) -> None:
     launch.STAGE1_BOOT = STAGE1_TRACE_BOOT
     try:
         async with open_harness(bench_config(args)) as joblet:
-            ctx = joblet.engine.context
-            with traced_launch(ctx.launcher, ctx.driver) as marks:
+            ctx = joblet.engine.services
+            with traced_launch(ctx.sandboxes.launcher, ctx.sandboxes.driver) as marks:
                 for gap, samples in runs.items():
                     jobs: list[tuple[str, dict[str, float]]] = []
                     for i in range(WARMUP + n):
@@ -437,7 +437,7 @@ async def bench_logs(joblet: Harness, args: argparse.Namespace, results: Results
         final = await joblet.wait(job.id)
         # Everything submitted and the job's log files fsynced and closed (wait() returns after
         # the job's cleanup, which asks the disk writer to close them).
-        await joblet.engine.context.disk_writer.flush()
+        await joblet.engine.services.disk_writer.flush()
         t_disk = time.perf_counter() - t0
         assert final.status is JobStatus.COMPLETED and received == size, (final, received)
         log_dir = joblet.node.config.layout.logs_dir / job.id

@@ -117,7 +117,7 @@ async def test_ended_jobs_and_their_logs_survive_a_restart(kept_state: tuple[Pat
             before[stopped.id] = first.engine.get(stopped.id)
             logs = {j: await first.streams(j) for j in before}
             metrics = [s async for s in first.engine.follow_metrics(ok.id)]
-            node_id = first.node.engine.context.node_id
+            node_id = first.node.engine.services.node_id
         async with open_harness(cfg, state_dir=state, cgroup_parent=parent) as second:
             after = {j.id: j for j in second.engine.list_jobs()}
             assert after == before

@@ -46,7 +46,7 @@ async def test_under_the_memory_limit_nothing_is_killed(joblet: Harness) -> None
 
 
 async def test_cpu_limit_holds_a_busy_loop_to_its_share(joblet: Harness) -> None:
-    driver = joblet.engine.context.driver
+    driver = joblet.engine.services.sandboxes.driver
     with trio.fail_after(60):
         job = await joblet.run("sh", "-c", "while :; do :; done", max_cpu=20)
         await trio.sleep(0.5)  # let it reach its steady state
@@ -83,7 +83,7 @@ async def test_io_limit_holds_direct_writes_to_about_1_mb_per_s(joblet: Harness)
 
 @pytest.mark.joblet_config(default_pids_limit=40)
 async def test_fork_bomb_stops_at_pids_max_and_the_job_can_be_stopped(joblet: Harness) -> None:
-    driver = joblet.engine.context.driver
+    driver = joblet.engine.services.sandboxes.driver
     with trio.fail_after(60):
         # Forks forever: once pids.max is reached every fork fails and the loop keeps trying.
         # (Shell bombs can die out: dash exits on a failed fork.)

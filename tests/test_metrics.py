@@ -297,7 +297,7 @@ def stored(joblet: Harness, job_id: str) -> list[MetricsSample]:
 
 
 def metrics_dir(joblet: Harness) -> Path:
-    return joblet.engine.context.metrics_dir
+    return joblet.engine.services.metrics_dir
 
 
 @pytest.mark.slow
@@ -420,8 +420,8 @@ async def test_stored_metrics_are_read_by_job_id_after_a_restart(joblet: Harness
         await joblet.wait(job.id)
         samples = await collect(joblet, job.id)
         # A fresh hub knows no sampler: what a restarted daemon has.
-        ctx = joblet.engine.context
-        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.driver, ctx.disk_writer)
+        ctx = joblet.engine.services
+        fresh = MetricsHub(ctx.metrics_dir, MetricsSection(), ctx.sandboxes.driver, ctx.disk_writer)
         assert [s async for s in fresh.follow(job.id)] == samples
     path = metrics_path(ctx.metrics_dir, job.id)
     lines = gzip.decompress(path.read_bytes()).decode().splitlines()

@@ -338,7 +338,7 @@ async def test_a_real_job(joblet: Harness) -> None:
         job = await joblet.run("sh", "-c", "echo out1; echo err1 >&2; printf 'out2\\nno end'")
         final = await joblet.wait(job.id)
         assert final.status is JobStatus.COMPLETED
-        await joblet.engine.context.disk_writer.flush()
+        await joblet.engine.services.disk_writer.flush()
         async with serving(joblet.state_dir, known=engine_ids(joblet)) as served:
             got = await logs(served.unix, job_id=job.id[:13])
             # stdout and stderr are separate pipes: only each stream's own order is certain.
@@ -360,13 +360,13 @@ async def test_a_running_job_s_log_grows(joblet: Harness) -> None:
                 seen += chunk.data
                 if b"first\n" in seen:
                     break
-        await joblet.engine.context.disk_writer.flush()
+        await joblet.engine.services.disk_writer.flush()
         async with serving(joblet.state_dir, known=engine_ids(joblet)) as served:
             running = await logs(served.unix, job_id=job.id)
             assert [c for _, _, c in running] == ["first"]
             assert joblet.engine.get(job.id).status is JobStatus.RUNNING
             await joblet.engine.stop_job(job.id)
-            await joblet.engine.context.disk_writer.flush()
+            await joblet.engine.services.disk_writer.flush()
             # (sh may also report its killed sleep on stderr)
             ended = await logs(served.unix, job_id=job.id, stream="stdout")
             assert [c for _, _, c in ended] == ["first", "stopping"]

@@ -40,7 +40,7 @@ async def pooled_harness(prestart: int) -> AsyncIterator[Harness]:
 
 
 def pool_of(harness: Harness) -> Stage1Pool:
-    return harness.engine.context.launcher
+    return harness.engine.services.sandboxes.launcher
 
 
 async def exited(pid: int) -> None:

@@ -14,11 +14,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from pathlib import Path
 
+import attrs
 import trio
 
 from joblet import logfmt
-from joblet.actors.job import JobActor, JobContext
+from joblet.actors.diskwriter import DiskWriter
+from joblet.actors.job import JobActor, JobTimeouts
+from joblet.actors.sampler import MetricsHub
+from joblet.actors.sandbox import Sandboxes
+from joblet.config import Config
 from joblet.core.chunks import Chunk
 from joblet.core.errors import (
     JobNotFound,
@@ -28,11 +34,36 @@ from joblet.core.errors import (
     ShuttingDown,
 )
 from joblet.core.ids import new_job_id, resolve_prefix
-from joblet.core.model import JobInfo, RunRequest
+from joblet.core.model import JobInfo, JobSpec, RunRequest
 from joblet.core.samples import MetricsSample
 from joblet.core.validate import HostFacts, build_spec
-from joblet.store.joblog import JobLog
+from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, job_log_dir
+
+
+@attrs.frozen
+class NodeServices:
+    """What the engine makes each job's actor with, and answers questions from.
+
+    Attributes:
+        config: The daemon configuration.
+        disk_writer: Writes (and deletes) logs, metrics and job records on disk.
+        budget: The memory budget for log data not yet on disk, shared by all jobs.
+        logs_dir: Where the jobs' logs are.
+        metrics_dir: Where the jobs' metrics are.
+        metrics: The job samplers and their followers.
+        sandboxes: Each job's cgroup, directories and process start.
+        node_id: This node's id.
+    """
+
+    config: Config
+    disk_writer: DiskWriter
+    budget: LogBudget
+    logs_dir: Path
+    metrics_dir: Path
+    metrics: MetricsHub
+    sandboxes: Sandboxes
+    node_id: str
 
 
 class EndedJob:
@@ -40,13 +71,13 @@ class EndedJob:
 
     Args:
         info: The job's final record.
-        ctx: The engine's services (where its log is).
+        logs_dir: Where the jobs' logs are.
     """
 
-    def __init__(self, info: JobInfo, ctx: JobContext) -> None:
+    def __init__(self, info: JobInfo, logs_dir: Path) -> None:
         self.id = info.id
         self._info = info
-        self._ctx = ctx
+        self._logs_dir = logs_dir
 
     @property
     def active(self) -> bool:
@@ -67,7 +98,7 @@ class EndedJob:
 
     async def open_log(self) -> JobLog:
         """The job's complete log, read from disk."""
-        logs_dir = self._ctx.logs_dir
+        logs_dir = self._logs_dir
         return await JobLog.from_disk(
             self.id, lambda: LogFileReader(job_log_dir(logs_dir, self.id))
         )
@@ -83,20 +114,25 @@ class Engine:
     when cancelled, after stopping every job.
 
     Args:
-        ctx: The services every job uses.
+        services: What each job's actor is made with.
+        host: The host's memory and CPUs, for checking requests.
+        past: The jobs of earlier runs, all ended.
     """
 
-    def __init__(self, ctx: JobContext, host: HostFacts, past: list[JobInfo] | None = None) -> None:
-        self._ctx = ctx
+    def __init__(
+        self, services: NodeServices, host: HostFacts, past: list[JobInfo] | None = None
+    ) -> None:
+        self._ctx = services
         self._host = host
-        self._defaults = ctx.config.default_limits()
-        self._jobs: dict[str, _Entry] = {i.id: EndedJob(i, ctx) for i in past or ()}
+        self._defaults = services.config.default_limits()
+        self._timeouts = JobTimeouts.of(services.config.joblet)
+        self._jobs: dict[str, _Entry] = {i.id: EndedJob(i, services.logs_dir) for i in past or ()}
         self._nursery: trio.Nursery | None = None
         self._closing = False
 
     @property
-    def context(self) -> JobContext:
-        """The services shared by every job."""
+    def services(self) -> NodeServices:
+        """What each job's actor is made with."""
         return self._ctx
 
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
@@ -151,7 +187,7 @@ class Engine:
                 f"maximum concurrent jobs reached ({cap}): wait for a job to end or stop one"
             )
         job_id = new_job_id()
-        actor = JobActor(job_id, spec, self._ctx)
+        actor = self._new_actor(job_id, spec)
         self._jobs[job_id] = actor
         # From here the job's start belongs to the engine: the actor runs in the job nursery, and
         # a caller that stops waiting (a client's deadline, a disconnect) only ends its own wait.
@@ -159,13 +195,33 @@ class Engine:
         await actor.start_reported.wait()
         return actor.info()
 
+    def _new_actor(self, job_id: str, spec: JobSpec) -> JobActor:
+        ctx = self._ctx
+        log = JobLog(
+            job_id,
+            sink=ctx.disk_writer,
+            budget=ctx.budget,
+            window_bytes=ctx.config.logs.window_bytes,
+            reader=lambda: LogFileReader(job_log_dir(ctx.logs_dir, job_id)),
+        )
+        return JobActor(
+            job_id,
+            spec,
+            node_id=ctx.node_id,
+            log=log,
+            sampler=ctx.metrics.sampler(job_id, own_network=spec.network != "host"),
+            sandbox=ctx.sandboxes.for_job(job_id),
+            records=ctx.disk_writer,
+            timeouts=self._timeouts,
+        )
+
     async def _run_actor(self, actor: JobActor) -> None:
         """Run one job actor; once it is done, keep only its record."""
         try:
             await actor.run()
         finally:
             if self._jobs.get(actor.id) is actor and actor.done.is_set():
-                self._jobs[actor.id] = EndedJob(actor.info(), self._ctx)
+                self._jobs[actor.id] = EndedJob(actor.info(), self._ctx.logs_dir)
 
     def _resolve(self, ref: str) -> _Entry:
         return self._jobs[resolve_prefix(ref, self._jobs)]

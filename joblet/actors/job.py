@@ -1,70 +1,72 @@
 """The job actor: one per job, owning the job's process, cgroup and log for its whole life.
 
-A :class:`JobActor` runs inside the engine's job nursery. It creates the job's cgroup and
-directories, starts the job through the two-stage launcher, pumps stdout and stderr into the job's
-:class:`~joblet.store.joblog.JobLog`, enforces ``jobTimeout``, carries out stop requests (SIGTERM to
-the job's PID 1, a grace period, then SIGKILL to everything in the cgroup), and always cleans up:
-whatever happens, the cgroup is emptied and removed, the log is closed and the job directory is
-deleted, shielded and bounded by ``cleanupTimeout``.
+A :class:`JobActor` runs inside the engine's job nursery. It drives the job's lifecycle
+(:mod:`joblet.core.lifecycle`, which decides every status): it has its sandbox create the job's
+cgroup and directories and start the command, pumps stdout and stderr into the job's
+:class:`~joblet.store.joblog.JobLog`, enforces ``jobTimeout``, carries out stop requests (SIGTERM
+to the job's PID 1, a grace period, then SIGKILL to everything in the cgroup), and always cleans
+up: whatever happens, the cgroup is emptied and removed, the log is closed and the job directory
+is deleted, shielded and bounded by ``cleanupTimeout``.
+
+Its dependencies are narrow: the job's own log, sampler and sandbox (made for it by the engine),
+where its records go (:class:`JobRecords`) and its timeouts.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import time
-from pathlib import Path
+from typing import Protocol
 
 import attrs
 import trio
 
 from joblet import logfmt
-from joblet.actors.diskwriter import DiskWriter
-from joblet.actors.prestart import Stage1Pool
-from joblet.actors.sampler import MetricsHub
-from joblet.config import Config
+from joblet.actors.sampler import JobSampler
+from joblet.actors.sandbox import JobSandbox
+from joblet.config import JobletSection
 from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.errors import StartFailed
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobSpec
-from joblet.store.joblog import JobLog, LogBudget
-from joblet.store.logfiles import LogFileReader
+from joblet.store.joblog import JobLog
 from joblet.sys import launch
-from joblet.sys.cgroups import CgroupDriver
 
 
-@attrs.define
-class JobContext:
-    """The engine's services every job uses.
+class JobRecords(Protocol):
+    """Where a job's records go (the disk writer, :class:`~joblet.actors.diskwriter.DiskWriter`)."""
+
+    def submit_job(self, info: JobInfo) -> trio.Event:
+        """Queue the job's record; the event is set once it is written."""
+        ...
+
+    async def save_job(self, info: JobInfo) -> None:
+        """Queue the job's record and wait until it is written."""
+        ...
+
+    def close_job(self, job_id: str) -> None:
+        """The job's log has ended: close its files once its last chunk is written."""
+        ...
+
+
+@attrs.frozen
+class JobTimeouts:
+    """The bounds a job runs under.
 
     Attributes:
-        config: The daemon configuration.
-        driver: The cgroup driver.
-        disk_writer: Writes (and deletes) logs, metrics and job records on disk.
-        budget: The memory budget for not-yet-persisted log data, shared by all jobs.
-        jobs_dir: Where per-job directories (root mount point, /work) live.
-        logs_dir: Where persisted logs live.
-        metrics_dir: Where persisted metrics live (``<state>/metrics``).
-        metrics: The job samplers and their followers.
-        launcher: Starts stage 1 for each job (from its pool of waiting ones when it can).
-        init: Path of the job PID 1 binary (dumb-init).
-        unshare: Path of util-linux unshare.
-        node_id: This node's id.
+        job_timeout: Longest run before the job is stopped (``jobTimeout``).
+        stop_grace_period: SIGTERM to SIGKILL (``stopGracePeriod``).
+        cleanup_timeout: The bound on each cleanup step and record write (``cleanupTimeout``).
     """
 
-    config: Config
-    driver: CgroupDriver
-    disk_writer: DiskWriter
-    budget: LogBudget
-    jobs_dir: Path
-    logs_dir: Path
-    metrics_dir: Path
-    metrics: MetricsHub
-    launcher: Stage1Pool
-    init: str
-    unshare: str
-    node_id: str
+    job_timeout: float
+    stop_grace_period: float
+    cleanup_timeout: float
+
+    @classmethod
+    def of(cls, section: JobletSection) -> JobTimeouts:
+        """The timeouts the ``joblet:`` section configures."""
+        return cls(section.job_timeout, section.stop_grace_period, section.cleanup_timeout)
 
 
 class JobActor:
@@ -73,22 +75,35 @@ class JobActor:
     Args:
         job_id: The job's UUID.
         spec: What to run (validated, defaults applied).
-        ctx: The engine's services.
+        node_id: This node's id (on the job's records).
+        log: The job's log.
+        sampler: The job's metrics sampler.
+        sandbox: The job's cgroup, directories and process start.
+        records: Where the job's records go.
+        timeouts: The bounds the job runs under.
     """
 
-    def __init__(self, job_id: str, spec: JobSpec, ctx: JobContext) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        node_id: str,
+        log: JobLog,
+        sampler: JobSampler,
+        sandbox: JobSandbox,
+        records: JobRecords,
+        timeouts: JobTimeouts,
+    ) -> None:
         self.id = job_id
         self.spec = spec
-        self._ctx = ctx
+        self.log = log
+        self.metrics = sampler
+        self._node_id = node_id
+        self._sandbox = sandbox
+        self._records = records
+        self._timeouts = timeouts
         self.state = JobLifecycle(job_id, start_time=time.time())
-        self.log = JobLog(
-            job_id,
-            sink=ctx.disk_writer,
-            budget=ctx.budget,
-            window_bytes=ctx.config.logs.window_bytes,
-            reader=lambda: LogFileReader(ctx.logs_dir / job_id),
-        )
-        self.metrics = ctx.metrics.sampler(job_id, own_network=spec.network != "host")
         self._pumps_left = 2
         self._pumps_done = trio.Event()
         self._stop_requested = trio.Event()
@@ -100,11 +115,11 @@ class JobActor:
 
     def info(self) -> JobInfo:
         """The job as clients see it (an end shows only once it is on record)."""
-        return self.state.visible(self.spec, self._ctx.node_id)
+        return self.state.visible(self.spec, self._node_id)
 
     def _snapshot(self) -> JobInfo:
         """The job as it is decided now (what the job database gets)."""
-        return self.state.record(self.spec, self._ctx.node_id)
+        return self.state.record(self.spec, self._node_id)
 
     @property
     def pid(self) -> int:
@@ -139,12 +154,10 @@ class JobActor:
         job FAILED with the reason recorded, and the engine and other jobs never notice.
         Cancellation (daemon shutdown) stops the job and cleans up before it propagates.
         """
-        ctx = self._ctx
-        job_dir = ctx.jobs_dir / self.id
         proc: trio.Process | None = None
         try:
-            ctx.disk_writer.submit_job(self._snapshot())
-            proc = await self._start(job_dir)
+            self._records.submit_job(self._snapshot())
+            proc = await self._sandbox.start(self.spec)
             self.state.started(proc.pid)
             await self._save("RUNNING")
             logfmt.info(
@@ -171,7 +184,7 @@ class JobActor:
             raise
         finally:
             with trio.CancelScope(shield=True):
-                await self._cleanup(proc, job_dir)
+                await self._cleanup(proc)
             self.start_reported.set()
 
     async def _save(self, what: str) -> None:
@@ -179,46 +192,13 @@ class JobActor:
 
         Out of time (the disk is stuck), the job goes on and the record is written later.
         """
-        with trio.move_on_after(self._ctx.config.joblet.cleanup_timeout) as scope:
-            await self._ctx.disk_writer.save_job(self._snapshot())
+        with trio.move_on_after(self._timeouts.cleanup_timeout) as scope:
+            await self._records.save_job(self._snapshot())
         if scope.cancelled_caught:
             logfmt.error("job record not written in time", jobId=self.id, record=what)
 
-    async def _start(self, job_dir: Path) -> trio.Process:
-        ctx = self._ctx
-        iso = ctx.config.isolation
-        try:
-            ctx.driver.create(self.id, self.spec.limits)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise StartFailed(f"cgroup setup failed: {e}") from e
-        root, work = job_dir / "root", job_dir / "work"
-        try:
-            root.mkdir(parents=True)
-            work.mkdir(mode=0o700)
-            os.chown(work, iso.run_as_uid, iso.run_as_gid)
-        except OSError as e:
-            raise StartFailed(f"job directory setup failed: {e}") from e
-        spec = launch.LaunchSpec(
-            job_id=self.id,
-            command=self.spec.command,
-            args=self.spec.args,
-            env=self.spec.env,
-            network=self.spec.network,
-            membership=ctx.driver.membership(self.id),
-            root=str(root),
-            work=str(work),
-            uid=iso.run_as_uid,
-            gid=iso.run_as_gid,
-            system_dirs=iso.system_dirs,
-            etc_files=iso.etc_files,
-            tmp_size_mb=iso.tmp_size_mb,
-            init=ctx.init,
-            unshare=ctx.unshare,
-        )
-        return await ctx.launcher.spawn(spec)
-
     async def _supervise(self, proc: trio.Process) -> None:
-        cfg = self._ctx.config.joblet
+        cfg = self._timeouts
         assert proc.stdout is not None and proc.stderr is not None
         deadline = (self.state.start_time or time.time()) + cfg.job_timeout
         async with trio.open_nursery() as nursery:
@@ -235,8 +215,8 @@ class JobActor:
                 await proc.wait()
             self._exited.set()
             # Whatever the job left behind dies now, so the pipes reach EOF.
-            await self._kill_all()
-            oom = self._oom_killed()
+            await self._sandbox.kill_all()
+            oom = self._sandbox.oom_killed()
             self.state.exited(proc.returncode or 0, oom_killed=oom, now=time.time())
             # The pumps end at EOF; bound the wait in case a pipe was passed outside the job.
             with trio.move_on_after(cfg.cleanup_timeout) as drained:
@@ -256,33 +236,20 @@ class JobActor:
     async def _stopper(self, proc: trio.Process) -> None:
         """Carry out a stop request: SIGTERM, the grace period, then SIGKILL to the whole group."""
         await self._stop_requested.wait()
-        grace = self._ctx.config.joblet.stop_grace_period
+        grace = self._timeouts.stop_grace_period
         launch.send_stop_signal(proc, signal.SIGTERM)
         with trio.move_on_after(grace):
             await self._exited.wait()
         if not self._exited.is_set():
-            await self._kill_all()
+            await self._sandbox.kill_all()
 
-    async def _kill_all(self) -> None:
-        try:
-            await self._ctx.driver.kill_all(self.id, self._ctx.config.joblet.cleanup_timeout)
-        except (OSError, TimeoutError) as e:
-            logfmt.error("job cleanup could not kill every process", jobId=self.id, error=str(e))
-
-    def _oom_killed(self) -> bool:
-        try:
-            return self._ctx.driver.oom_killed(self.id)
-        except OSError:
-            return False
-
-    async def _cleanup(self, proc: trio.Process | None, job_dir: Path) -> None:
+    async def _cleanup(self, proc: trio.Process | None) -> None:
         """Release everything the job owns. Shielded by the caller; each step is bounded."""
-        ctx = self._ctx
-        timeout = ctx.config.joblet.cleanup_timeout
+        timeout = self._timeouts.cleanup_timeout
         with trio.move_on_after(timeout * 2):
             if proc is not None:
                 if proc.returncode is None:
-                    await self._kill_all()
+                    await self._sandbox.kill_all()
                     with trio.move_on_after(timeout):
                         await proc.wait()
                     if proc.returncode is None:
@@ -290,13 +257,13 @@ class JobActor:
                         await proc.wait()
                 if not self.state.ended:
                     self.state.exited(
-                        proc.returncode or 0, oom_killed=self._oom_killed(), now=time.time()
+                        proc.returncode or 0, oom_killed=self._sandbox.oom_killed(), now=time.time()
                     )
                 for pipe in (proc.stdout, proc.stderr):
                     if pipe is not None:
                         await pipe.aclose()
             else:
-                await self._kill_all()
+                await self._sandbox.kill_all()
         if not self.state.ended:
             # No process is left (none was spawned, or it could not be waited for in time).
             if self.state.stop_reason is not None:
@@ -304,11 +271,7 @@ class JobActor:
             else:
                 self.state.internal_error("the job's process could not be waited for", time.time())
         self.metrics.close()
-        try:
-            await ctx.driver.remove(self.id)
-        except OSError as e:
-            logfmt.error("job cgroup could not be removed", jobId=self.id, error=str(e))
-        await trio.to_thread.run_sync(shutil.rmtree, job_dir, True)
+        await self._sandbox.release()
         s = self.state
         await self._save("final")
         # On record (or its write timed out, logged): clients may see the end.
@@ -316,7 +279,7 @@ class JobActor:
         # Readers see the log end only now, when the job's end is on record: a client that read
         # the whole log then asks for the status sees the job ended.
         self.log.close()
-        ctx.disk_writer.close_job(self.id)
+        self._records.close_job(self.id)
         logfmt.info(
             "job finished",
             jobId=self.id,

@@ -24,11 +24,11 @@ import trio
 
 from joblet import logfmt
 from joblet.actors.diskwriter import DiskWriter
-from joblet.actors.engine import Engine
-from joblet.actors.job import JobContext
+from joblet.actors.engine import Engine, NodeServices
 from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.sampler import MetricsHub
+from joblet.actors.sandbox import Sandboxes
 from joblet.actors.supervisor import supervise
 from joblet.config import Config, StateLayout
 from joblet.core.lifecycle import JobLifecycle
@@ -142,18 +142,22 @@ async def _open_node(
         layout.logs_dir, config.logs, db_path=layout.jobs_db, metrics_dir=layout.metrics_dir
     )
     past = await disk_writer.open_db()
-    ctx = JobContext(
+    ctx = NodeServices(
         config=config,
-        driver=driver,
         disk_writer=disk_writer,
         budget=LogBudget(config.logs.memory_budget),
-        jobs_dir=layout.jobs_dir,
         logs_dir=layout.logs_dir,
         metrics_dir=layout.metrics_dir,
         metrics=MetricsHub(layout.metrics_dir, config.metrics, driver, disk_writer),
-        launcher=Stage1Pool(config.isolation.prestart),
-        init=launch.find_init(),
-        unshare=launch.find_unshare(),
+        sandboxes=Sandboxes(
+            driver=driver,
+            launcher=Stage1Pool(config.isolation.prestart),
+            isolation=config.isolation,
+            jobs_dir=layout.jobs_dir,
+            init=launch.find_init(),
+            unshare=launch.find_unshare(),
+            cleanup_timeout=config.joblet.cleanup_timeout,
+        ),
         node_id=load_node_id(layout.node_id),
     )
     logfmt.info(
@@ -166,7 +170,7 @@ async def _open_node(
     async with trio.open_nursery() as system:
         await system.start(supervise, "disk-writer", disk_writer.run)
         # Before the engine and stopped after it: every job start goes through it.
-        await system.start(supervise, "stage1-pool", ctx.launcher.run)
+        await system.start(supervise, "stage1-pool", ctx.sandboxes.launcher.run)
         past = await recover(ctx, past)
         engine = Engine(ctx, read_host_facts(), past)
         async with trio.open_nursery() as jobs:
@@ -201,7 +205,7 @@ async def _open_node(
     logfmt.info("joblet node stopped", nodeId=ctx.node_id)
 
 
-async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
+async def recover(ctx: NodeServices, past: list[JobInfo]) -> list[JobInfo]:
     """Clean up after a daemon that died with jobs running; returns the jobs, all ended.
 
     Jobs the database still shows as starting or running end FAILED with the lifecycle's
@@ -222,9 +226,9 @@ async def recover(ctx: JobContext, past: list[JobInfo]) -> list[JobInfo]:
             logfmt.warn("job was running when the daemon stopped", jobId=info.id)
         jobs.append(info)
     await _remove_leftover_groups(
-        ctx.driver, {i.id for i in past}, ctx.config.joblet.cleanup_timeout
+        ctx.sandboxes.driver, {i.id for i in past}, ctx.config.joblet.cleanup_timeout
     )
-    await trio.to_thread.run_sync(_remove_children, ctx.jobs_dir)
+    await trio.to_thread.run_sync(_remove_children, ctx.sandboxes.jobs_dir)
     # Submitted together, they are written in one batch.
     for saved in [ctx.disk_writer.submit_job(info) for info in fixed]:
         await saved.wait()
