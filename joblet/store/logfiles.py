@@ -1,4 +1,4 @@
-"""A job's persisted log: two gzip files and an index (blocking I/O, meant for a worker thread).
+"""A job's stored log: two gzip files and an index (blocking I/O, meant for a worker thread).
 
 Layout of ``<logs_dir>/<job_id>/``:
 
@@ -61,7 +61,7 @@ _IOV_MAX = 1024
 
 
 class LogCorrupted(Exception):
-    """A persisted log's data does not match its index (not a torn tail: that is tolerated)."""
+    """A stored log's data does not match its index (not a torn tail: that is tolerated)."""
 
 
 def stream_path(job_dir: Path, stream: int) -> Path:
@@ -80,7 +80,7 @@ def job_log_dir(logs_dir: Path, job_id: str) -> Path:
 
 
 def delete_job_logs(logs_dir: Path, job_id: str) -> None:
-    """Remove a job's persisted log; nothing happens if it has none.
+    """Remove a job's stored log; nothing happens if it has none.
 
     Only the disk writer calls it, the one writer of log files, which closes the job's writer
     first (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
@@ -303,7 +303,7 @@ class LogFileWriter:
 
 
 class LogFileReader:
-    """Random access to a job's persisted log by merged offset (blocking; thread-safe).
+    """Random access to a job's stored log by merged offset (blocking; thread-safe).
 
     The reader follows a log that is still being written: it re-reads the new part of the index
     when asked for an offset beyond what it knows. It trusts only index records that are complete,
@@ -329,7 +329,7 @@ class LogFileReader:
         self._cache: dict[int, tuple[int, bytes]] = {}
 
     def size(self) -> int:
-        """Merged bytes persisted and complete."""
+        """Merged bytes stored and complete."""
         with self._lock:
             self._refresh()
             return self._size
@@ -362,7 +362,7 @@ class LogFileReader:
         chunk keeps its stream and timestamp.
 
         Returns:
-            Contiguous chunks, or ``[]`` when nothing is persisted at ``offset`` yet.
+            Contiguous chunks, or ``[]`` when nothing is stored at ``offset`` yet.
 
         Raises:
             ValueError: ``offset`` is negative or ``max_bytes`` is not positive.

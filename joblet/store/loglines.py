@@ -1,4 +1,4 @@
-"""A job's persisted log as timestamped lines (blocking I/O, meant for a worker thread).
+"""A job's stored log as timestamped lines (blocking I/O, meant for a worker thread).
 
 :class:`LogLineReader` reads a job's log files (:mod:`joblet.store.logfiles`) and feeds their
 chunks to a :class:`~joblet.core.lines.LineAssembler`, which makes the lines (what a line is, its
@@ -25,7 +25,7 @@ READ_BYTES = 1 << 20
 
 
 class LogLineReader:
-    """Reads a job's persisted log as :data:`~joblet.core.lines.Lines` groups, a batch at a time.
+    """Reads a job's stored log as :data:`~joblet.core.lines.Lines` groups, a batch at a time.
 
     Blocking; use from one thread at a time; each :meth:`next_batch` call does a bounded amount
     of work.

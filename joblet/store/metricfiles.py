@@ -1,4 +1,4 @@
-"""A job's persisted metrics: one gzipped JSON Lines file (blocking I/O, meant for a worker thread).
+"""A job's stored metrics: one gzipped JSON Lines file (blocking I/O, meant for a worker thread).
 
 Layout (the spec's Persist Service storage): ``<metrics_dir>/<job_id>/metrics.jsonl.gz`` holds one
 JSON object per line and per metric type of a sample::
@@ -59,7 +59,7 @@ def metrics_path(metrics_dir: Path, job_id: str) -> Path:
 
 
 def delete_job_metrics(metrics_dir: Path, job_id: str) -> None:
-    """Remove a job's persisted metrics; nothing happens if it has none.
+    """Remove a job's stored metrics; nothing happens if it has none.
 
     Only the disk writer calls it, the one writer of metrics files, after the job's queued writes
     (see :meth:`joblet.actors.diskwriter.DiskWriter.delete_job`).
