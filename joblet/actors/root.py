@@ -1,7 +1,8 @@
 """The root of the supervisor tree: one joblet node and the system actors it owns.
 
-:func:`open_node` is what both ``joblet serve`` and the in-process harness run. It detects the
-cgroup driver and prepares the parent group, starts the disk writer and the pool of waiting
+:func:`open_node` is what both ``joblet serve`` and the in-process harness run. It claims the
+state directory and the cgroup parent (:func:`claim_node`: exclusive locks for its whole life),
+prepares the parent group, starts the disk writer and the pool of waiting
 stage-1 processes (:mod:`joblet.actors.prestart`) under supervisors, recovers from an earlier run
 that did not end cleanly (see :func:`recover`), runs the engine, and removes the files of jobs that
 ended long ago (:mod:`joblet.actors.retention`). Leaving the context stops every job gracefully,
@@ -46,7 +47,8 @@ class Node:
     Attributes:
         config: Its configuration.
         engine: The job engine (run, stop, list, follow jobs).
-        nursery: The node's own nursery, for further system actors (e.g. the gRPC server).
+        nursery: The node's system nursery, for further system actors that must stop with the
+            node (the gRPC servers live outside it, so that their drain outlasts the node).
     """
 
     config: Config
