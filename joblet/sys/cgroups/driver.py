@@ -144,9 +144,10 @@ class CgroupDriver(abc.ABC):
             ``expected_path``. On cgroup v2 ``join_file`` is ``cgroup.procs``. On v1 it is the
             group's ``tasks`` file, which moves the writing thread only: written ``0``, the
             kernel then skips its global threadgroup lock, whose first taker after a quiet spell
-            waits for an RCU grace period (7-15 ms here, on every job start after an idle
-            moment). A single-threaded process is moved whole; one with more threads would
-            leave them behind, and must write its PID to ``cgroup.procs`` next to it instead.
+            waits for an RCU grace period on every job start after an idle moment
+            (``docs/performance.md``). A single-threaded process is moved whole; one with more
+            threads would leave them behind, and must write its PID to ``cgroup.procs`` next
+            to it instead.
         """
 
     @abc.abstractmethod
