@@ -217,7 +217,9 @@ class CgroupDriver(abc.ABC):
     def pids(self, job_id: str) -> list[int]:
         """Every process in the job's group(s), sub-groups included, in PID order.
 
-        Blocking (walks the group tree): async code runs it in a worker thread.
+        Reads cgroupfs only, which lives in memory and never waits for a disk: a few system
+        calls for a job's groups, cheaper than a worker-thread hop, so async code calls it on
+        the event loop (``docs/performance.md``).
         """
         found: set[int] = set()
         for top in self._job_dirs(job_id):
@@ -229,8 +231,8 @@ class CgroupDriver(abc.ABC):
         """Send ``sig`` to every process of the job.
 
         A process that exits meanwhile is skipped, and a PID reused by a process outside the
-        job is never signalled (see :meth:`_send`). Blocking (walks the group tree): async code
-        runs it in a worker thread.
+        job is never signalled (see :meth:`_send`). cgroupfs reads and signals only (see
+        :meth:`pids`).
         """
         for pid in self.pids(job_id):
             self._send(job_id, pid, sig)
@@ -254,7 +256,7 @@ class CgroupDriver(abc.ABC):
         """
         deadline = trio.current_time() + timeout
         next_round = -math.inf
-        while left := await trio.to_thread.run_sync(self.pids, job_id):
+        while left := self.pids(job_id):
             now = trio.current_time()
             if now >= deadline:
                 raise TimeoutError(
@@ -283,7 +285,7 @@ class CgroupDriver(abc.ABC):
                 if trio.current_time() >= freeze_deadline:
                     break
                 await trio.sleep(KILL_POLL_INTERVAL)
-            await trio.to_thread.run_sync(self.signal_all, job_id, signal.SIGKILL)
+            self.signal_all(job_id, signal.SIGKILL)
         finally:
             # Even when cancelled: a group left frozen would hold its processes forever.
             try:
@@ -300,9 +302,10 @@ class CgroupDriver(abc.ABC):
         Raises:
             OSError: A group still holds processes (EBUSY): call :meth:`kill_all` first.
         """
-        for top in self._job_dirs(job_id):
-            for d in reversed(await files.walk(top)):
-                await files.rmdir(d)
+        # The walk reads cgroupfs only (see pids); the waits between retries let other tasks run.
+        groups = [d for top in self._job_dirs(job_id) for d in files.tree(top)]
+        for d in reversed(groups):
+            await files.rmdir(d)
 
     def _send(self, job_id: str, pid: int, sig: int) -> None:
         """Signal ``pid`` only if it is still a member of the job's group.

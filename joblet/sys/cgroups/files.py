@@ -76,7 +76,7 @@ def procs(group: Path) -> list[int]:
 def tree(top: Path) -> list[Path]:
     """``top`` and every group below it, parents before children; [] when ``top`` is missing.
 
-    Blocking (a directory walk): async code uses :func:`walk`.
+    A directory walk; on cgroupfs (in memory) cheap enough for the event loop.
     """
     if not top.is_dir():
         return []
@@ -84,11 +84,6 @@ def tree(top: Path) -> list[Path]:
     for dirpath, dirnames, _files in os.walk(top):
         found.extend(Path(dirpath, d) for d in dirnames)
     return found
-
-
-async def walk(top: Path) -> list[Path]:
-    """:func:`tree`, in a worker thread."""
-    return await trio.to_thread.run_sync(tree, top)
 
 
 async def rmdir(group: Path) -> None:
