@@ -1,6 +1,6 @@
 """The ``persist`` benchmark: log lines to disk, and QueryLogs on a large log.
 
-- Write path: 40-byte lines appended to a :class:`~joblet.store.joblog.JobLog` in batches of
+- Write path: 40-byte lines appended to a :class:`~joblet.actors.joblog.JobLog` in batches of
   :data:`BATCH` bytes (a pipe read of a busy job), written by the real
   :class:`~joblet.actors.diskwriter.DiskWriter` to gzip files, timed until they are on disk; next
   to ``gzip -1`` on the same bytes (same run) and the spec's "5M+ lines/s".
@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from joblet.actors.diskwriter import DiskWriter
+from joblet.actors.joblog import JobLog, LogBudget
 from joblet.config import Config, LogsSection, StateLayout
 from joblet.core.chunks import STDOUT
 from joblet.rpc.persist_service import (
@@ -37,7 +38,6 @@ from joblet.rpc.persist_service import (
     open_persist_listeners,
     socket_path,
 )
-from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, job_log_dir
 
 #: Bytes per line, as the spec's throughput claim is usually read.

@@ -15,13 +15,13 @@ import trio
 import trio.testing
 
 from joblet.actors.diskwriter import DeleteError, DiskWriter, LogWriteError, _BatchResult
+from joblet.actors.joblog import JobLog, LogBudget
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.model import JobInfo, JobSpec, JobStatus
 from joblet.core.samples import MetricRecord
 from joblet.core.writequeue import Batch
 from joblet.store.jobdb import JobDB
-from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, stream_path
 from joblet.store.metricfiles import metrics_path
 

@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from joblet.actors.diskwriter import DiskWriter
+from joblet.actors.joblog import JobLog, LogBudget
 from joblet.config import LogsSection
 from joblet.core.chunks import STDERR, STDOUT, Chunk
 from joblet.core.logwindow import MAX_CHUNK
-from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, LogFileWriter
 
 JOB = "job-1"

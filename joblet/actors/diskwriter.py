@@ -1,6 +1,6 @@
 """The disk writer: the one writer and deleter of job logs, metrics files and job rows.
 
-Each :class:`~joblet.store.joblog.JobLog` hands its chunks to :meth:`DiskWriter.submit` as they
+Each :class:`~joblet.actors.joblog.JobLog` hands its chunks to :meth:`DiskWriter.submit` as they
 arrive. The actor gathers chunks from all jobs and writes them as one batch in a worker thread
 (one thread hop per batch) when ``LogsSection.flush_bytes`` have gathered or the oldest has waited
 ``LogsSection.flush_interval``. After a batch is written it tells each log how far it is on disk
@@ -35,13 +35,13 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.joblog import JobLog
 from joblet.config import LogsSection
 from joblet.core.chunks import Chunk
 from joblet.core.model import JobInfo
 from joblet.core.samples import MetricRecord
 from joblet.core.writequeue import Batch, Deletion, JobChunks, Record, WriteQueue
 from joblet.store.jobdb import JobDB
-from joblet.store.joblog import JobLog
 from joblet.store.logfiles import LogFileWriter, delete_job_logs, job_log_dir
 from joblet.store.metricfiles import MetricsWriter, delete_job_metrics, metrics_path
 

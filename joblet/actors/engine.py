@@ -22,6 +22,7 @@ import trio
 from joblet import logfmt
 from joblet.actors.diskwriter import DiskWriter
 from joblet.actors.job import JobActor, JobTimeouts
+from joblet.actors.joblog import JobLog, LogBudget
 from joblet.actors.sampler import MetricsHub
 from joblet.actors.sandbox import Sandboxes
 from joblet.config import Config
@@ -37,7 +38,6 @@ from joblet.core.ids import new_job_id, resolve_prefix
 from joblet.core.model import JobInfo, JobSpec, RunRequest
 from joblet.core.samples import MetricsSample
 from joblet.core.validate import HostFacts, build_spec
-from joblet.store.joblog import JobLog, LogBudget
 from joblet.store.logfiles import LogFileReader, job_log_dir
 
 

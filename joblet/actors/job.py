@@ -3,7 +3,7 @@
 A :class:`JobActor` runs inside the engine's job nursery. It drives the job's lifecycle
 (:mod:`joblet.core.lifecycle`, which decides every status): it has its sandbox create the job's
 cgroup and directories and start the command, pumps stdout and stderr into the job's
-:class:`~joblet.store.joblog.JobLog`, enforces ``jobTimeout``, carries out stop requests (SIGTERM
+:class:`~joblet.actors.joblog.JobLog`, enforces ``jobTimeout``, carries out stop requests (SIGTERM
 to the job's PID 1, a grace period, then SIGKILL to everything in the cgroup), and always cleans
 up: whatever happens, the cgroup is emptied and removed, the log is closed and the job directory
 is deleted, shielded and bounded by ``cleanupTimeout``.
@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from joblet import logfmt
+from joblet.actors.joblog import JobLog
 from joblet.actors.sampler import JobSampler
 from joblet.actors.sandbox import JobSandbox
 from joblet.config import JobletSection
@@ -29,7 +30,6 @@ from joblet.core.chunks import STDERR, STDOUT
 from joblet.core.errors import StartFailed
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobSpec
-from joblet.store.joblog import JobLog
 from joblet.sys import launch
 
 

@@ -26,6 +26,7 @@ import trio
 from joblet import logfmt
 from joblet.actors.diskwriter import DiskWriter
 from joblet.actors.engine import Engine, NodeServices
+from joblet.actors.joblog import LogBudget
 from joblet.actors.prestart import Stage1Pool
 from joblet.actors.retention import RetentionActor
 from joblet.actors.sampler import MetricsHub
@@ -34,7 +35,6 @@ from joblet.actors.supervisor import supervise
 from joblet.config import Config, StateLayout
 from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
-from joblet.store.joblog import LogBudget
 from joblet.sys import launch, locks
 from joblet.sys.cgroups import CgroupDriver, detect_driver
 from joblet.sys.host import read_host_facts

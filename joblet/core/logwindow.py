@@ -1,6 +1,6 @@
 """The in-memory part of a job's log: what is kept, what leaves, and where a read is served from.
 
-A :class:`LogWindow` is the bookkeeping of :class:`~joblet.store.joblog.JobLog` without its
+A :class:`LogWindow` is the bookkeeping of :class:`~joblet.actors.joblog.JobLog` without its
 waiting and its I/O. It holds the chunks of the end of a job's merged log and decides:
 
 - how new output becomes chunks (:meth:`LogWindow.append`: merged offsets, pieces of at most
