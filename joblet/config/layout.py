@@ -18,12 +18,8 @@ Pure path arithmetic: nothing here touches the disk.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import attrs
-
-if TYPE_CHECKING:
-    from joblet.config.model import Config
 
 #: The daemon's sockets, relative to the state directory.
 RUN_DIR = "run"
@@ -45,11 +41,6 @@ class StateLayout:
 
     root: Path
     grpc_socket: str = DEFAULT_PERSIST_SOCKET
-
-    @classmethod
-    def of(cls, config: Config) -> StateLayout:
-        """The layout ``config`` describes (its state directory and socket setting)."""
-        return cls(config.state_dir, config.persist.server.grpc_socket)
 
     @property
     def persist_socket(self) -> Path:

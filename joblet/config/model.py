@@ -400,7 +400,7 @@ class Config:
     @property
     def layout(self) -> StateLayout:
         """The paths under :attr:`state_dir` (with the Persist Service's socket setting)."""
-        return StateLayout.of(self)
+        return StateLayout(self.state_dir, self.persist.server.grpc_socket)
 
     def default_limits(self) -> Limits:
         """Limits a job gets for every value its request leaves unset."""

@@ -10,12 +10,13 @@ can start outside its limits.
 No limit is ever silently dropped: a limit that needs a controller the host does not offer makes
 :meth:`CgroupDriver.create` fail. Everything here is synchronous file I/O on cgroupfs (which does
 not block), except what may wait: :meth:`CgroupDriver.kill_all` and :meth:`CgroupDriver.remove`
-wait for the kernel, and walks of a group tree run in a worker thread, so they are async.
+wait for the kernel (processes to die, a group to empty), so they are async.
 
-The package: :mod:`~joblet.sys.cgroups.driver` (the interface, shared behaviour,
-:func:`detect_driver`), :mod:`~joblet.sys.cgroups.v1` and :mod:`~joblet.sys.cgroups.v2` (the
-backends), :mod:`~joblet.sys.cgroups.parse` (what the files' texts say, as numbers, without I/O)
-and :mod:`~joblet.sys.cgroups.files` (reading, writing, walking and removing on cgroupfs).
+The package: :mod:`~joblet.sys.cgroups.driver` (the interface, shared behaviour),
+:mod:`~joblet.sys.cgroups.detect` (:func:`detect_driver`), :mod:`~joblet.sys.cgroups.v1` and
+:mod:`~joblet.sys.cgroups.v2` (the backends), :mod:`~joblet.sys.cgroups.parse` (what the files'
+texts say, as numbers, without I/O) and :mod:`~joblet.sys.cgroups.files` (reading, writing,
+walking and removing on cgroupfs).
 Everything the rest of the daemon uses is importable from here.
 
 Example::
@@ -30,12 +31,12 @@ Example::
     await driver.remove(job_id)
 """
 
+from joblet.sys.cgroups.detect import detect_driver
 from joblet.sys.cgroups.driver import (
     CFS_PERIOD_US,
     DAEMON_LEAF,
     CgroupDriver,
     CgroupUnavailable,
-    detect_driver,
 )
 from joblet.sys.cgroups.v1 import Hierarchy, V1Driver
 from joblet.sys.cgroups.v2 import MEMORY_HIGH_PERCENT, V2Driver

@@ -1,9 +1,10 @@
-"""The cgroup driver interface, the behaviour both versions share, and the choice of a driver.
+"""The cgroup driver interface and the behaviour both versions share.
 
 :class:`CgroupDriver` is what the daemon uses; :mod:`joblet.sys.cgroups.v1` and
-:mod:`joblet.sys.cgroups.v2` provide it for each cgroup version, and :func:`detect_driver` picks
-one at start-up. Finding, signalling, killing and removing a job's processes and groups is the
-same on both versions and lives here, on top of what each backend names (:class:`KillFiles`).
+:mod:`joblet.sys.cgroups.v2` provide it for each cgroup version, and
+:func:`~joblet.sys.cgroups.detect.detect_driver` picks one at start-up. Finding, signalling,
+killing and removing a job's processes and groups is the same on both versions and lives here,
+on top of what each backend names (:class:`KillFiles`).
 """
 
 from __future__ import annotations
@@ -49,45 +50,6 @@ MIB = 1 << 20
 
 class CgroupUnavailable(RuntimeError):
     """The host's cgroups cannot do what was asked (no usable hierarchy, a missing controller)."""
-
-
-def detect_driver(cfg: CgroupSection) -> CgroupDriver:
-    """Pick the cgroup driver for this host.
-
-    ``auto`` takes cgroup v2 when ``<root>/cgroup.controllers`` offers cpu, memory and pids, else
-    cgroup v1 when its hierarchies are mounted under ``<root>``; ``v1`` and ``v2`` force a driver
-    (and fail if the host does not have it).
-
-    Args:
-        cfg: The ``cgroup`` config section.
-
-    Returns:
-        A driver; call :meth:`CgroupDriver.setup` before creating job groups.
-
-    Raises:
-        CgroupUnavailable: The requested driver (or, for ``auto``, neither) can work on this host,
-            or ``cfg.driver`` is not one of auto, v1, v2.
-    """
-    # The backends subclass CgroupDriver, so they import this module, not the other way round.
-    from joblet.sys.cgroups.v1 import V1Driver
-    from joblet.sys.cgroups.v2 import V2Driver
-
-    _check_parent(cfg.parent)
-    if cfg.driver == "v2":
-        return V2Driver.probe(cfg)
-    if cfg.driver == "v1":
-        return V1Driver.probe(cfg)
-    if cfg.driver != "auto":
-        raise CgroupUnavailable(f"invalid cgroup.driver {cfg.driver!r}: expected auto, v1 or v2")
-    try:
-        return V2Driver.probe(cfg)
-    except CgroupUnavailable as v2_error:
-        try:
-            return V1Driver.probe(cfg)
-        except CgroupUnavailable as v1_error:
-            raise CgroupUnavailable(
-                f"no usable cgroup hierarchy under {cfg.root}: {v2_error}; {v1_error}"
-            ) from None
 
 
 class CgroupDriver(abc.ABC):
@@ -411,7 +373,7 @@ def check_job_id(job_id: str) -> None:
         raise ValueError(f"invalid job id for a cgroup name: {job_id!r}")
 
 
-def _check_parent(parent: str) -> None:
+def check_parent(parent: str) -> None:
     parts = PurePosixPath(parent).parts
     if not parts or parent.startswith("/") or any(p in (".", "..") for p in parts):
         raise CgroupUnavailable(
