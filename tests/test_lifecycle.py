@@ -26,6 +26,7 @@ FIRE: dict[Event, Callable[[JobLifecycle], None]] = {
     Event.STARTED: lambda s: s.started(pid=4242),
     Event.START_FAILED: lambda s: s.start_failed("command not found: x", now=5.0),
     Event.EXITED: lambda s: s.exited(0, oom_killed=False, now=5.0),
+    Event.GONE: lambda s: s.gone(now=5.0),
     Event.INTERNAL_ERROR: lambda s: s.internal_error("boom", now=5.0),
     Event.DURABLE: lambda s: s.durable(),
     Event.RESTART: lambda s: s.restart(now=5.0),
@@ -38,9 +39,11 @@ EXPECTED: dict[tuple[Phase, Event], Phase] = {
     (Phase.INITIALIZING, Event.STARTED): Phase.RUNNING,
     (Phase.INITIALIZING, Event.START_FAILED): Phase.ENDING,
     (Phase.INITIALIZING, Event.EXITED): Phase.ENDING,
+    (Phase.INITIALIZING, Event.GONE): Phase.ENDING,
     (Phase.INITIALIZING, Event.INTERNAL_ERROR): Phase.ENDING,
     (Phase.INITIALIZING, Event.RESTART): Phase.ENDING,
     (Phase.RUNNING, Event.EXITED): Phase.ENDING,
+    (Phase.RUNNING, Event.GONE): Phase.ENDING,
     (Phase.RUNNING, Event.INTERNAL_ERROR): Phase.ENDING,
     (Phase.RUNNING, Event.RESTART): Phase.ENDING,
     (Phase.ENDING, Event.DURABLE): Phase.ENDED,
@@ -161,8 +164,18 @@ def test_stop_of_a_scheduled_job_is_refused() -> None:
 def test_a_stop_before_the_process_started_ends_stopped() -> None:
     s = in_phase(Phase.INITIALIZING)
     assert s.request_stop("daemon shutdown") is True
-    s.exited(0, oom_killed=False, now=2.0)
+    s.gone(now=2.0)
     assert (s.status, s.exit_code, s.reason) == (JobStatus.STOPPED, -1, "daemon shutdown")
+
+
+def test_a_process_lost_without_a_stop_is_an_internal_error() -> None:
+    s = running()
+    s.gone(now=2.0)
+    assert (s.status, s.exit_code, s.reason) == (
+        JobStatus.FAILED,
+        -1,
+        "internal error: the job's process could not be waited for",
+    )
 
 
 def test_start_failure() -> None:

@@ -265,11 +265,8 @@ class JobActor:
             else:
                 await self._sandbox.kill_all()
         if not self.state.ended:
-            # No process is left (none was spawned, or it could not be waited for in time).
-            if self.state.stop_reason is not None:
-                self.state.exited(0, oom_killed=False, now=time.time())
-            else:
-                self.state.internal_error("the job's process could not be waited for", time.time())
+            # No exit status: none was spawned, or it could not be waited for in time.
+            self.state.gone(time.time())
         self.metrics.close()
         await self._sandbox.release()
         s = self.state

@@ -9,8 +9,9 @@ phase           events (-> next phase)                          clients see
 ==============  ==============================================  ===============================
 SCHEDULED       due -> INITIALIZING, cancel -> ENDING           SCHEDULED
 INITIALIZING    started -> RUNNING, start_failed / exited /     INITIALIZING
-                internal_error -> ENDING, restart -> ENDING
-RUNNING         exited / internal_error / restart -> ENDING     RUNNING
+                gone / internal_error / restart -> ENDING
+RUNNING         exited / gone / internal_error / restart        RUNNING
+                -> ENDING
 ENDING          durable -> ENDED, restart -> ENDING             the status before ENDING
 ENDED           (none)                                          the final status
 ==============  ==============================================  ===============================
@@ -67,6 +68,7 @@ class Event(enum.Enum):
     STARTED = "started"
     START_FAILED = "start_failed"
     EXITED = "exited"
+    GONE = "gone"
     INTERNAL_ERROR = "internal_error"
     DURABLE = "durable"
     RESTART = "restart"
@@ -80,9 +82,12 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.INITIALIZING, Event.START_FAILED): Phase.ENDING,
     # The process was spawned but ended (or was killed) before it was reported running.
     (Phase.INITIALIZING, Event.EXITED): Phase.ENDING,
+    # No exit status to go by: none was spawned, or it could not be waited for.
+    (Phase.INITIALIZING, Event.GONE): Phase.ENDING,
     (Phase.INITIALIZING, Event.INTERNAL_ERROR): Phase.ENDING,
     (Phase.INITIALIZING, Event.RESTART): Phase.ENDING,
     (Phase.RUNNING, Event.EXITED): Phase.ENDING,
+    (Phase.RUNNING, Event.GONE): Phase.ENDING,
     (Phase.RUNNING, Event.INTERNAL_ERROR): Phase.ENDING,
     (Phase.RUNNING, Event.RESTART): Phase.ENDING,
     (Phase.ENDING, Event.DURABLE): Phase.ENDED,
@@ -272,6 +277,24 @@ class JobLifecycle:
             return False
         self.stop_reason = reason
         return True
+
+    def gone(self, now: float) -> None:
+        """The job's processes are gone with no exit status to go by.
+
+        Its process was never spawned (the start was stopped before it ran) or could not be
+        waited for in time. A stop that was accepted ends it STOPPED as usual; without one, the
+        daemon lost track of it, an internal error.
+        """
+        self._move(Event.GONE)
+        if self.stop_reason is not None:
+            self._end(JobStatus.STOPPED, STOPPED_EXIT_CODE, self.stop_reason, now)
+        else:
+            self._end(
+                JobStatus.FAILED,
+                STOPPED_EXIT_CODE,
+                "internal error: the job's process could not be waited for",
+                now,
+            )
 
     def exited(self, returncode: int, *, oom_killed: bool, now: float) -> None:
         """The job's processes are gone: decide the outcome from how it ended.
