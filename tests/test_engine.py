@@ -267,9 +267,10 @@ async def test_network_none_has_only_loopback(joblet: Harness) -> None:
 #: The memory budget for unwritten output in the stalled-subscriber test: the job writes faster
 #: than gzip compresses, so the budget is what its unwritten output may take.
 LOG_BUDGET = 32 << 20
-#: How much the daemon's RSS may grow while a stalled subscriber is 200 MB behind: the budget,
-#: the log window (1 MiB), compressed batches in flight and allocator slack.
-RSS_BOUND = LOG_BUDGET + (48 << 20)
+#: How much the test process's RSS may grow while a stalled subscriber is 200 MB behind. RSS is
+#: a coarse, noisy measure (the allocator, other tests' leftovers, gzip buffers): the exact check
+#: is the budget's high-water mark; this one only proves the 200 MB were never held at once.
+RSS_BOUND = 128 << 20
 
 
 async def test_100_concurrent_jobs_have_byte_exact_logs(joblet: Harness) -> None:
@@ -322,7 +323,11 @@ async def test_a_stalled_subscriber_never_blocks_the_job_and_gets_every_byte(
             nursery.cancel_scope.cancel()
         assert final.status is JobStatus.COMPLETED
         assert actor.log.size == size
-        # The daemon held a bounded window, not the 200 MB the subscriber has not read.
+        # The daemon held a bounded window, not the 200 MB the subscriber has not read: exactly
+        # (unwritten bytes never exceeded the budget) ...
+        budget = joblet.engine.services.budget
+        assert 0 < budget.peak <= LOG_BUDGET, budget.peak
+        # ... and coarsely, as the kernel sees the process.
         assert peak - baseline < RSS_BOUND, f"RSS grew by {(peak - baseline) >> 20} MiB"
         digest = hashlib.sha256(first.data)
         got = len(first.data)

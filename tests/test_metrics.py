@@ -443,6 +443,10 @@ client.sendall(b"x" * 200_000)
 got = 0
 while got < 200_000:
     got += len(peer.recv(65536))
+# Stay up for a few sampling intervals after the traffic: samples are taken while the job runs,
+# so one that ends at once may never be sampled after its last byte.
+import time
+time.sleep(1)
 """
 
 

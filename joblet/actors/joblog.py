@@ -46,6 +46,7 @@ class LogBudget:
             raise ValueError(f"log memory budget must not be negative: {limit}")
         self._limit = limit
         self._used = 0
+        self._peak = 0
         self._fifo = trio.Lock()
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -59,6 +60,11 @@ class LogBudget:
         """Bytes currently held."""
         return self._used
 
+    @property
+    def peak(self) -> int:
+        """The most bytes ever held at once (the budget's high-water mark)."""
+        return self._peak
+
     async def acquire(self, n: int) -> None:
         """Take ``n`` bytes of the budget, waiting until they are free.
 
@@ -70,6 +76,7 @@ class LogBudget:
             while self._used > 0 and self._used + n > self._limit:
                 await self._lot.park()
             self._used += n
+            self._peak = max(self._peak, self._used)
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes taken with :meth:`acquire`."""
