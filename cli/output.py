@@ -80,6 +80,9 @@ def render_status(job: pb.GetJobStatusRes) -> str:
         lines.append(f"CPUCores: {job.cpuCores}")
     if job.network not in ("", "host"):
         lines.append(f"Network: {network_label(job.network)}")
+    if job.seccompProfile:
+        lines.append(f"Seccomp: {job.seccompProfile}")
+        lines.append(f"Landlock: {f'ABI {job.landlockAbi}' if job.landlockAbi else 'off'}")
     lines += _reason_lines(job.status, job.reason)
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from joblet.config import Config, JobletSection, LogsSection, MetricsSection
+from joblet.config import Config, IsolationSection, JobletSection, LogsSection, MetricsSection
 from joblet.testing import Harness, open_harness
 
 #: In CI (``.ci/run`` sets ``CI=true``) a missing capability fails a test instead of skipping it.
@@ -59,9 +59,8 @@ def processes_in_cgroup_named(name: str) -> list[int]:
 
 
 def stage1_children(ppid: int) -> list[int]:
-    """PIDs of the live children of ``ppid`` that are stage-1 processes still waiting for a job.
-
-    A stage 1 that took a job has exec'd ``unshare`` by then, so it no longer matches.
+    """The waiting stage-1 processes started by ``ppid``, as the daemon knows them: the PIDs of
+    its ``unshare`` children running a stage 1 whose interpreter has not exec'd a job's PID 1.
     """
     pids = []
     for entry in os.listdir("/proc"):
@@ -70,25 +69,42 @@ def stage1_children(ppid: int) -> list[int]:
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z" or int(stat[1]) != ppid or b"import _stage1" not in cmdline:
+                continue
+            children = Path(f"/proc/{entry}/task/{entry}/children").read_text().split()
+            taken = any(
+                Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"/.joblet/init\0")
+                for child in children
+            )
         except OSError:
             continue
-        if stat[0] != "Z" and int(stat[1]) == ppid and b"import _stage1" in cmdline:
+        if not taken:
             pids.append(int(entry))
     return pids
 
 
 def make_config(
-    *, metrics: MetricsSection | None = None, logs: LogsSection | None = None, **joblet: Any
+    *,
+    metrics: MetricsSection | None = None,
+    logs: LogsSection | None = None,
+    isolation: IsolationSection | None = None,
+    **joblet: Any,
 ) -> Config:
     """A config for tests: short timeouts, everything else default.
 
     Args:
         metrics: The ``metrics:`` section (default: the default section).
         logs: The ``logs:`` section (default: the default section).
+        isolation: The ``isolation:`` section (default: the default section).
         joblet: ``JobletSection`` fields.
     """
     section = attrs.evolve(JobletSection(cleanup_timeout=5.0), **joblet)
-    return Config(joblet=section, metrics=metrics or MetricsSection(), logs=logs or LogsSection())
+    return Config(
+        joblet=section,
+        metrics=metrics or MetricsSection(),
+        logs=logs or LogsSection(),
+        isolation=isolation or IsolationSection(),
+    )
 
 
 @pytest.fixture

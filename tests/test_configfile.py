@@ -116,6 +116,8 @@ def test_every_key(tmp_path: Path) -> None:
           etcFiles: []
           tmpSizeMb: 16
           prestart: 0
+          landlock: false
+          maxOpenFiles: 1024
         cgroup:
           driver: v2
           root: /mnt/cgroup
@@ -173,6 +175,8 @@ def test_every_key(tmp_path: Path) -> None:
             etc_files=(),
             tmp_size_mb=16,
             prestart=0,
+            landlock=False,
+            max_open_files=1024,
         ),
         cgroup=CgroupSection(driver="v2", root="/mnt/cgroup", parent="joblet/test"),
         logs=LogsSection(

@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import pytest
@@ -68,7 +69,7 @@ async def test_jobs_start_from_the_pool_and_it_refills(root: None) -> None:
             first = pool.waiting_pids()
             assert len(first) == 2 and sorted(stage1_children(os.getpid())) == sorted(first)
             job = await joblet.run("sh", "-c", "echo out; echo err >&2; ls /proc/self/fd")
-            # The oldest waiting process became the job (stage 1 execs unshare, same PID).
+            # The oldest waiting process became the job (its stage 1 execs the job's PID 1).
             assert job.pid == first[0]
             final = await joblet.wait(job.id)
             assert final.status is JobStatus.COMPLETED
@@ -123,6 +124,25 @@ async def test_a_stage1_that_dies_before_taking_its_spec_never_gets_the_job(
             assert impostor not in pool.waiting_pids()
 
 
+async def stop_stage1(pid: int) -> None:
+    """SIGSTOP a waiting stage 1: its ``unshare`` process, then (once that one is stopped, so it
+    can no longer fork) the interpreter under it, if it was started already."""
+    os.kill(pid, signal.SIGSTOP)
+    # Another process's state, with nothing to wait on: poll, as tests/daemon.py does.
+    while _state(pid) != "T":  # noqa: ASYNC110
+        await trio.sleep(POLL)
+    for child in _children(pid):
+        os.kill(child, signal.SIGSTOP)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 async def test_a_stopped_waiting_stage1_fails_its_start_in_bounded_time(
     root: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,7 +152,7 @@ async def test_a_stopped_waiting_stage1_fails_its_start_in_bounded_time(
             pool = pool_of(joblet)
             await pool.wait_full()
             (stopped,) = pool.waiting_pids()
-            os.kill(stopped, signal.SIGSTOP)
+            await stop_stage1(stopped)
             job = await joblet.run("echo", "hello")
             assert job.status is JobStatus.FAILED, job
             assert f"stage 1 did not start the job within 0.5s (pid {stopped})" in job.reason

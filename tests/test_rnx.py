@@ -175,7 +175,7 @@ def test_run_status_list_log_human(rnx: Env) -> None:
     assert re.fullmatch(
         rf"Id: {job_id}\nCommand: sh -c 'echo hi there'\nStatus: COMPLETED\n"
         rf"Started At: {TIME}\nEnded At: {TIME}\nMaxCPU: 50\nMaxMemory: 256\nMaxIOBPS: 0\n"
-        r"ExitCode: 0\n",
+        r"ExitCode: 0\nSeccomp: (default|off)\nLandlock: (ABI \d+|off)\n",
         status.stdout,
     ), status.stdout
 

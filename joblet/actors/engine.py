@@ -177,7 +177,12 @@ class Engine:
             ResourceExhausted: ``maxConcurrentJobs`` jobs are already running.
             ShuttingDown: The engine is stopping.
         """
-        spec = build_spec(request, defaults=self._defaults, host=self._host)
+        confinement = self._ctx.sandboxes.confinement
+        spec = attrs.evolve(
+            build_spec(request, defaults=self._defaults, host=self._host),
+            seccomp=confinement.seccomp,
+            landlock=confinement.landlock,
+        )
         if self._closing or self._nursery is None:
             raise ShuttingDown("joblet is shutting down")
         cap = self._ctx.config.joblet.max_concurrent_jobs

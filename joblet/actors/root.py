@@ -37,6 +37,7 @@ from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.sys import launch, locks
 from joblet.sys.cgroups import CgroupDriver, detect_driver
+from joblet.sys.confine import build_confinement
 from joblet.sys.host import read_host_facts
 
 
@@ -157,7 +158,10 @@ async def _open_node(
             isolation=config.isolation,
             jobs_dir=layout.jobs_dir,
             init=launch.find_init(),
-            unshare=launch.find_unshare(),
+            confinement=build_confinement(
+                landlock=config.isolation.landlock,
+                max_open_files=config.isolation.max_open_files,
+            ),
             cleanup_timeout=config.joblet.cleanup_timeout,
         ),
         node_id=load_node_id(layout.node_id),
@@ -167,6 +171,8 @@ async def _open_node(
         nodeId=ctx.node_id,
         stateDir=str(layout.root),
         cgroup=f"v{driver.version}",
+        seccomp=ctx.sandboxes.confinement.seccomp,
+        landlock=ctx.sandboxes.confinement.landlock or "off",
         knownJobs=len(past),
     )
     async with trio.open_nursery() as system:

@@ -23,6 +23,7 @@ from joblet.core.errors import StartFailed
 from joblet.core.model import JobSpec
 from joblet.sys import launch
 from joblet.sys.cgroups import CgroupDriver
+from joblet.sys.confine import WRITABLE, Confinement
 
 
 @attrs.frozen
@@ -35,7 +36,7 @@ class Sandboxes:
         isolation: The isolation settings (user, system directories, /tmp size).
         jobs_dir: Where each job's directory (root mount point, /work) is made.
         init: Path of the job PID 1 binary (dumb-init).
-        unshare: Path of util-linux unshare.
+        confinement: Resource limits, Landlock and the syscall filter of every job.
         cleanup_timeout: The bound on killing what a job left behind (``cleanupTimeout``).
     """
 
@@ -44,7 +45,7 @@ class Sandboxes:
     isolation: IsolationSection
     jobs_dir: Path
     init: str
-    unshare: str
+    confinement: Confinement
     cleanup_timeout: float
 
     def for_job(self, job_id: str) -> JobSandbox:
@@ -98,7 +99,10 @@ class JobSandbox:
             etc_files=iso.etc_files,
             tmp_size_mb=iso.tmp_size_mb,
             init=base.init,
-            unshare=base.unshare,
+            rlimits=base.confinement.rlimits,
+            seccomp=base.confinement.seccomp_bpf,
+            landlock=base.confinement.landlock,
+            writable=WRITABLE,
         )
         return await base.launcher.spawn(launch_spec)
 

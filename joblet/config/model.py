@@ -203,6 +203,18 @@ class IsolationSection:
         "(0 = start each with its job).",
         check=between(0, MAX_PRESTART),
     )
+    landlock: bool = setting(
+        True,
+        key="landlock",
+        doc="Confine each job's writes to its own writable paths with Landlock\n"
+        "(where the kernel has it; ignored where it does not).",
+    )
+    max_open_files: int = setting(
+        4096,
+        key="maxOpenFiles",
+        doc="Open files a job may have (RLIMIT_NOFILE, soft and hard).",
+        check=between(16, 1 << 20),
+    )
 
 
 @attrs.frozen

@@ -95,6 +95,9 @@ class JobSpec:
         network: ``"host"`` shares the host's network; ``"none"`` gives the job an empty network
             namespace (loopback only).
         name: Optional readable name (workflows).
+        seccomp: The syscall filter the job runs under (``default``, ``off`` or a profile's
+            path), as the node's configuration had it; empty in records of older joblets.
+        landlock: The Landlock ABI version its writes are confined with; 0 for none.
     """
 
     command: str
@@ -103,6 +106,8 @@ class JobSpec:
     env: Mapping[str, str] = attrs.field(factory=dict)
     network: str = "host"
     name: str = ""
+    seccomp: str = ""
+    landlock: int = 0
 
 
 @attrs.frozen

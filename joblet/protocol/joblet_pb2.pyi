@@ -178,7 +178,7 @@ class FileUpload(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., mode: _Optional[int] = ..., isDirectory: _Optional[bool] = ...) -> None: ...
 
 class GetJobStatusRes(_message.Message):
-    __slots__ = ("uuid", "name", "command", "args", "maxCPU", "cpuCores", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "scheduledTime", "runtime", "environment", "secret_environment", "network", "volumes", "workDir", "uploads", "dependencies", "workflowUuid", "gpuCount", "gpuIndices", "gpuMemoryMB", "nodeId", "reason")
+    __slots__ = ("uuid", "name", "command", "args", "maxCPU", "cpuCores", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "scheduledTime", "runtime", "environment", "secret_environment", "network", "volumes", "workDir", "uploads", "dependencies", "workflowUuid", "gpuCount", "gpuIndices", "gpuMemoryMB", "nodeId", "reason", "seccompProfile", "landlockAbi")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class GetJobStatusRes(_message.Message):
     GPUMEMORYMB_FIELD_NUMBER: _ClassVar[int]
     NODEID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SECCOMPPROFILE_FIELD_NUMBER: _ClassVar[int]
+    LANDLOCKABI_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     name: str
     command: str
@@ -247,7 +249,9 @@ class GetJobStatusRes(_message.Message):
     gpuMemoryMB: int
     nodeId: str
     reason: str
-    def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., cpuCores: _Optional[str] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., scheduledTime: _Optional[str] = ..., runtime: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., secret_environment: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., workDir: _Optional[str] = ..., uploads: _Optional[_Iterable[_Union[FileUpload, _Mapping]]] = ..., dependencies: _Optional[_Iterable[str]] = ..., workflowUuid: _Optional[str] = ..., gpuCount: _Optional[int] = ..., gpuIndices: _Optional[_Iterable[int]] = ..., gpuMemoryMB: _Optional[int] = ..., nodeId: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    seccompProfile: str
+    landlockAbi: int
+    def __init__(self, uuid: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., cpuCores: _Optional[str] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., scheduledTime: _Optional[str] = ..., runtime: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., secret_environment: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., workDir: _Optional[str] = ..., uploads: _Optional[_Iterable[_Union[FileUpload, _Mapping]]] = ..., dependencies: _Optional[_Iterable[str]] = ..., workflowUuid: _Optional[str] = ..., gpuCount: _Optional[int] = ..., gpuIndices: _Optional[_Iterable[int]] = ..., gpuMemoryMB: _Optional[int] = ..., nodeId: _Optional[str] = ..., reason: _Optional[str] = ..., seccompProfile: _Optional[str] = ..., landlockAbi: _Optional[int] = ...) -> None: ...
 
 class StopJobReq(_message.Message):
     __slots__ = ("id",)

@@ -110,6 +110,8 @@ def job_status_res(info: JobInfo) -> pb.GetJobStatusRes:
         network=spec.network,
         nodeId=info.node_id,
         reason=info.reason,
+        seccompProfile=spec.seccomp,
+        landlockAbi=spec.landlock,
     )
 
 

@@ -5,14 +5,17 @@ imports this module (see :data:`joblet.sys.launch.STAGE1_BOOT`), so the interpre
 bytecode instead of compiling the file on every start, as it would for a script. It uses the
 standard library only (no site-packages, no joblet imports) and imports nothing it does not run,
 so it stays small and fast: every module imported here is paid for on every job start. It runs as
-root in the daemon's namespaces. The daemon may start it well before there is a job for it (the
-pool of :class:`joblet.sys.launch.Stage1Pool`): nothing about a job reaches it before its spec.
+root, as PID 1 of a fresh PID namespace (util-linux ``unshare --pid --fork --kill-child`` is its
+parent, the process the daemon holds), otherwise in the daemon's namespaces. The daemon may start
+it well before there is a job for it (the pool of :class:`joblet.actors.prestart.Stage1Pool`):
+nothing about a job reaches it before its spec.
 
-1. It waits for the job's launch spec on the status socket (its fd number is ``argv[1]``): one
+1. It waits for the job's launch spec on the start socket (its fd number is ``argv[1]``): one
    message, a 4-byte big-endian length and a ``marshal`` document (builtin, so nothing to
-   import; the daemon runs the same interpreter). EOF instead means the daemon is gone or let it
-   go: it exits at once, having done nothing. Once it has the spec it writes :data:`ACK`: from
-   then on the job is this process's, and the daemon never hands it to another one;
+   import; the daemon runs the same interpreter), with the report socket attached (see
+   :func:`receive`). EOF instead means the daemon is gone or let it go: it exits at once, having
+   done nothing. Once it has the spec it writes :data:`ACK` to the report socket: from then on
+   the job is this process's, and the daemon never hands it to another one;
 2. joins the job's cgroup(s) by writing ``0`` (itself) to each group's join file, then verifies
    ``/proc/self/cgroup``, so that nothing the job does can escape its limits (the only race-free
    way on cgroup v1). On v1 that is the ``tasks`` file, which moves the writing thread without
@@ -21,19 +24,25 @@ pool of :class:`joblet.sys.launch.Stage1Pool`): nothing about a job reaches it b
    moves;
 3. unshares the mount, UTS, IPC and cgroup namespaces (and network, when the job asks for none),
    builds the job root (read-only binds of the system directories, a writable ``/work``, a private
-   ``/tmp``, a minimal ``/dev``), sets the hostname to the job id and sets no_new_privs;
-4. resolves the command inside the job root, builds a clean environment (never the daemon's), closes
-   inherited descriptors and execs util-linux ``unshare`` to create the PID namespace, mount a fresh
-   ``/proc``, chroot and drop to the unprivileged uid/gid; ``unshare`` then execs ``dumb-init`` as
-   PID 1 of the job, which runs the command as its child, forwards signals and reaps zombies.
+   ``/tmp``, a minimal ``/dev``, a ``/proc`` of its own PID namespace) and sets the hostname to the
+   job id;
+4. resolves the command inside the job root, chroots into it, sets the job's resource limits
+   (:func:`set_rlimits`), drops to the unprivileged uid/gid with no supplementary groups, asks
+   to be killed when its parent dies (the credential change cleared what ``unshare`` set), sets
+   no_new_privs, confines writes with Landlock when the daemon asks (:func:`landlock`), builds
+   a clean environment (never the daemon's), closes inherited descriptors, installs the seccomp
+   filter (the BPF program the daemon compiled once; ``_filter.py``) and, as its very last step,
+   execs ``dumb-init`` as the job's PID 1, which runs the command as its child, forwards signals
+   and reaps zombies. Nothing but the job ever runs under the filter.
 
-The status socket is close-on-exec: after the :data:`ACK`, the daemon sees EOF exactly when the
+The report socket is close-on-exec: after the :data:`ACK`, the daemon sees EOF exactly when the
 exec succeeded. Any failure before that is written to it as one line of text and the process exits
 with status 127.
 """
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import marshal
 import os
@@ -60,9 +69,12 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+SIGKILL = 9
 
-#: Written to the status socket once the launch spec is in: the job is this process's from then on.
+#: Written to the report socket once the launch spec is in: the job is this process's from then on.
 #: The same byte as :data:`joblet.sys.launch.ACK`.
 ACK = b"\x06"
 #: Size of the length that precedes a message from the daemon (big-endian).
@@ -206,6 +218,8 @@ def build_root(spec: dict[str, Any]) -> None:
     os.mkdir(dev + "/shm")
     _mount("joblet-shm", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=16m")
     os.mkdir(root + "/proc")
+    # We are PID 1 of the job's PID namespace: this /proc shows the job's processes only.
+    _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # The job's PID 1: dumb-init, bound read-only at a fixed path inside the root.
     os.mkdir(root + "/.joblet")
     init = root + "/.joblet/init"
@@ -230,47 +244,167 @@ def resolve_command(root: str, command: str, path: str) -> str:
     raise SetupError(f"command not found: {command}")
 
 
-def receive(status: BinaryIO) -> dict[str, Any] | None:
-    """Wait for the daemon's message: a length, then that many bytes of ``marshal``.
+def receive(boot_fd: int) -> tuple[dict[str, Any], int] | None:
+    """Wait for the daemon's message on the start socket ``boot_fd``, then close that socket.
+
+    The message is a length and that many bytes of ``marshal``; its first bytes carry, as
+    ``SCM_RIGHTS``, the report socket: the ACK, a failure or EOF go there. The start socket
+    cannot tell the daemon that the exec happened because the ``unshare`` parent holds a copy of
+    it for as long as the job runs; the report socket is this process's alone (close-on-exec).
 
     Returns:
-        The message, or None at EOF before its first byte (the daemon is gone, or let us go).
+        The message and the report socket's descriptor, or None at EOF before the first byte
+        (the daemon is gone, or let us go).
+
+    Raises:
+        SetupError: The message is incomplete.
     """
-    header = _read_exactly(status, HEADER_SIZE)
-    if not header:
-        return None
-    size = int.from_bytes(header, "big")
-    body = _read_exactly(status, size)
-    if len(header) < HEADER_SIZE or len(body) < size:
-        raise SetupError("launch spec truncated")
-    message: dict[str, Any] = marshal.loads(body)
-    return message
+    boot = _socket.socket(fileno=boot_fd)
+    try:
+        data, ancdata, _flags, _addr = boot.recvmsg(
+            HEADER_SIZE, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC
+        )
+        report = -1
+        for level, kind, payload in ancdata:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(payload) >= 4:
+                report = int.from_bytes(payload[:4], sys.byteorder)
+        if not data:
+            return None
+        if report < 0:
+            raise SetupError("the launch spec came without its report socket")
+        header = data + _recv_exactly(boot, HEADER_SIZE - len(data))
+        size = int.from_bytes(header, "big")
+        body = _recv_exactly(boot, size)
+        if len(header) < HEADER_SIZE or len(body) < size:
+            raise SetupError("launch spec truncated")
+        message: dict[str, Any] = marshal.loads(body)
+        return message, report
+    finally:
+        boot.close()
 
 
-def _read_exactly(status: BinaryIO, size: int) -> bytes:
+def _recv_exactly(sock: _socket.socket, size: int) -> bytes:
     """``size`` bytes, or fewer at EOF."""
     data = b""
     while len(data) < size:
-        part = status.read(size - len(data))
+        part = sock.recv(size - len(data))
         if not part:
             break
         data += part
     return data
 
 
+def set_rlimits(rlimits: list[list[int]]) -> None:
+    """Set each ``[resource, soft, hard]`` (still as root, so hard limits may go up as well).
+
+    Through libc rather than the ``resource`` module: one import less on every start.
+    """
+    for res, soft, hard in rlimits:
+        limit = (ctypes.c_ulong * 2)(soft, hard)
+        _check(_libc.setrlimit(ctypes.c_int(res), limit), f"setrlimit({res}, {soft}, {hard})")
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` with no supplementary groups, and die with the ``unshare`` parent.
+
+    The kernel clears the parent-death signal on a credential change, so it is set again after.
+    An unprivileged job also loses every capability from its bounding set first, so nothing it
+    executes can ever gain one (no_new_privs, set next, already stops setuid binaries).
+    """
+    if uid != 0:
+        cap = 0
+        while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+            cap += 1  # EINVAL past the last capability this kernel knows
+        if cap == 0:
+            raise SetupError(f"prctl(PR_CAPBSET_DROP): {os.strerror(ctypes.get_errno())}")
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise SetupError(f"dropping to uid {uid} gid {gid}: {e.strerror}") from None
+    _check(_libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
+
+
+#: Landlock (``linux/landlock.h``): the syscalls (the same number on every architecture), the
+#: rights it can take away, and from which ABI version each exists.
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_FS_WRITE_FILE = 1 << 1
+_FS_WRITES_V1 = (1 << 1) | (0x1FF << 4)  # WRITE_FILE, REMOVE_DIR ... MAKE_SYM
+_FS_REFER_V2 = 1 << 13
+_FS_TRUNCATE_V3 = 1 << 14
+_SCOPE_V6 = (1 << 0) | (1 << 1)  # abstract unix sockets, signals: only within the job
+
+
+def landlock(abi: int, writable: list[str]) -> None:
+    """Confine the job's writes to ``writable`` (paths inside its root) with Landlock.
+
+    Every way of changing the filesystem (writing, truncating, creating, removing, linking,
+    renaming) is allowed beneath those directories and nowhere else, even where a mount is
+    writable by mistake; ``/dev`` keeps plain writes (``/dev/null``, ``/dev/tty``). From ABI 6 on
+    the job may also neither connect to abstract unix sockets nor signal processes created
+    outside it. Reading is left to the mount layout. ``abi`` is the kernel's Landlock ABI version
+    as the daemon found it.
+    """
+    handled = _FS_WRITES_V1
+    if abi >= 2:
+        handled |= _FS_REFER_V2
+    if abi >= 3:
+        handled |= _FS_TRUNCATE_V3
+    scoped = _SCOPE_V6 if abi >= 6 else 0
+    attr = (ctypes.c_uint64 * 3)(handled, 0, scoped)
+    size = 24 if abi >= 6 else (16 if abi >= 4 else 8)
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+    ruleset = syscall(
+        ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), attr, ctypes.c_size_t(size), ctypes.c_long(0)
+    )
+    if ruleset < 0:
+        raise SetupError(f"landlock: cannot create a ruleset: {os.strerror(ctypes.get_errno())}")
+    try:
+        rules = [(path, handled) for path in writable]
+        rules.append(("/dev", _FS_WRITE_FILE | (handled & _FS_TRUNCATE_V3)))
+        for path, allowed in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                # struct landlock_path_beneath_attr is packed: u64 allowed_access, s32 parent_fd.
+                rule = allowed.to_bytes(8, sys.byteorder) + fd.to_bytes(4, sys.byteorder)
+                if syscall(
+                    ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+                    ctypes.c_long(ruleset),
+                    ctypes.c_long(_LANDLOCK_RULE_PATH_BENEATH),
+                    rule,
+                    ctypes.c_long(0),
+                ):
+                    err = os.strerror(ctypes.get_errno())
+                    raise SetupError(f"landlock: cannot allow writes beneath {path}: {err}")
+            finally:
+                os.close(fd)
+        restrict = ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF)
+        if syscall(restrict, ctypes.c_long(ruleset), ctypes.c_long(0)):
+            raise SetupError(f"landlock: cannot restrict: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(ruleset)
+
+
 def main() -> None:
     """Run stage 1; never returns on success (it execs)."""
-    status_fd = int(sys.argv[1])
-    status = os.fdopen(status_fd, "r+b", buffering=0)
     try:
-        try:
-            spec = receive(status)
-        except KeyboardInterrupt:
-            spec = None  # a Ctrl-C meant for the daemon, in its process group
-        if spec is None:
-            os._exit(0)  # no job was given: nothing was done
+        got = receive(int(sys.argv[1]))
+    except KeyboardInterrupt:
+        got = None  # a Ctrl-C meant for the daemon, in its process group
+    except SetupError:
+        os._exit(127)  # the daemon sees EOF without ACK: this stage 1 never took the job
+    if got is None:
+        os._exit(0)  # no job was given: nothing was done
+    spec, report_fd = got
+    status = os.fdopen(report_fd, "wb", buffering=0)
+    try:
         status.write(ACK)
-        os.set_inheritable(status_fd, False)
         join_cgroups(spec["membership"])
         flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
         if spec["network"] == "none":
@@ -283,30 +417,30 @@ def main() -> None:
             _loopback_up()
         build_root(spec)
         command = resolve_command(spec["root"], spec["command"], JOB_PATH)
+        bpf = spec["seccomp"]
+        if bpf:  # imported before the chroot: this directory is outside the job's root
+            if TYPE_CHECKING:
+                from joblet.sys import _filter
+            else:
+                import _filter
+        _check(_libc.chroot(spec["root"].encode()), "chroot")
+        os.chdir("/work")
+        set_rlimits(spec["rlimits"])
+        drop_privileges(spec["uid"], spec["gid"])
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+        if spec["landlock"]:
+            landlock(spec["landlock"], spec["writable"])
         env = {"PATH": JOB_PATH, "HOME": "/work", "LANG": "C.UTF-8", "HOSTNAME": spec["hostname"]}
         env["JOBLET_JOB_ID"] = spec["job_id"]
         env.update(spec["env"])
-        argv = [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            "--root=" + spec["root"],
-            "--wd=/work",
-            "--setgid",
-            str(spec["gid"]),
-            "--setuid",
-            str(spec["uid"]),
-            "--",
-            "/.joblet/init",
-            "--",
-            command,
-            *spec["args"],
-        ]
-        _close_fds_except(status_fd)
-        os.execve(spec["unshare"], argv, env)
+        argv = ["/.joblet/init", "--", command, *spec["args"]]
+        _close_fds_except(report_fd)
+        if bpf:
+            try:
+                _filter.install(bpf)
+            except OSError as e:
+                raise SetupError(f"seccomp filter: {e}") from None
+        os.execve("/.joblet/init", argv, env)
     except SetupError as e:
         _fail(status, str(e))
     except Exception as e:  # report anything at all rather than a silent death

@@ -1,17 +1,26 @@
 """Starting a job's processes: the daemon side of the two-stage start.
 
 The daemon never unshares or changes its own namespaces. It starts ``_stage1.py`` with the real
-interpreter (``sys.executable -I -S``, never a PATH shim; see :data:`STAGE1_BOOT`), hands it the
-launch spec over a socket, and learns from the same socket that stage 1 took the spec
-(:data:`ACK`), then whether everything up to the final exec worked (EOF) or what failed (one line
-of text). Stage 1 may be started before its job exists (:class:`Stage1`, kept ready by
+interpreter (``sys.executable -I -S``, never a PATH shim; see :data:`STAGE1_BOOT`) as the only
+child of util-linux ``unshare --pid --fork --kill-child``, so stage 1 is PID 1 of a PID namespace
+of its own from its first instruction; it hands stage 1 the launch spec over a socket, and learns
+from the same socket that stage 1 took the spec (:data:`ACK`), then whether everything up to the
+final exec worked (EOF) or what failed (one line of text). Stage 1 does every other step itself and
+execs the job's PID 1 (dumb-init) last, so no helper program runs between the syscall filter and
+the job. Stage 1 may be started before its job exists (:class:`Stage1`, kept ready by
 :class:`joblet.actors.prestart.Stage1Pool`): it learns everything about its job from the spec. See
 ``_stage1.py`` for what happens on the other side.
+
+The process the daemon holds is the ``unshare`` parent (a small C program): it waits for stage 1
+(then the job's PID 1) and exits with its status; if it dies, the kernel kills the job's PID 1
+(``--kill-child``, renewed by stage 1 after it drops privileges) and with it the whole namespace.
 """
 
 from __future__ import annotations
 
+import array
 import fcntl
+import functools
 import marshal
 import os
 import shutil
@@ -37,6 +46,10 @@ STAGE1_BOOT = (
     f"import sys; sys.path.append({str(Path(STAGE1).parent)!r}); "
     "import _stage1; _stage1.main(); sys.exit(127)"
 )
+#: How util-linux ``unshare`` starts stage 1: as the first process of a new PID namespace, its
+#: child, killed by the kernel if ``unshare`` dies. ``unshare`` does nothing else: stage 1 mounts
+#: the job's ``/proc``, chroots and drops privileges itself.
+UNSHARE_ARGS = ("--pid", "--fork", "--kill-child", "--")
 #: Pipe size for the job's stdout/stderr: larger pipes mean fewer wake-ups per megabyte.
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
@@ -70,8 +83,9 @@ def find_init() -> str:
     return found
 
 
+@functools.cache
 def find_unshare() -> str:
-    """Path of util-linux ``unshare``.
+    """Path of util-linux ``unshare`` (looked up once).
 
     Raises:
         StartFailed: it is not installed.
@@ -107,7 +121,10 @@ class LaunchSpec:
     etc_files: Sequence[str]
     tmp_size_mb: int
     init: str
-    unshare: str
+    rlimits: Sequence[tuple[int, int, int]] = ()
+    seccomp: bytes = b""
+    landlock: int = 0
+    writable: Sequence[str] = ()
 
     @property
     def hostname(self) -> str:
@@ -123,15 +140,17 @@ class LaunchSpec:
         d["membership"] = [list(m) for m in self.membership]
         d["system_dirs"] = list(self.system_dirs)
         d["etc_files"] = list(self.etc_files)
+        d["rlimits"] = [list(r) for r in self.rlimits]
+        d["writable"] = list(self.writable)
         return marshal.dumps(d)
 
 
 async def spawn(spec: LaunchSpec) -> trio.Process:
     """Start a stage 1 for this job and return once its command is about to run.
 
-    The returned process is stage 1 turned into the ``unshare`` parent: it lives as long as the
-    job's PID 1 and exits with its status. :meth:`Stage1.hand_over` does the same with a stage 1
-    started ahead of time (see :class:`joblet.actors.prestart.Stage1Pool`).
+    The returned process is the ``unshare`` parent of stage 1 (now the job's PID 1): it lives as
+    long as the job's PID 1 and exits with its status. :meth:`Stage1.hand_over` does the same
+    with a stage 1 started ahead of time (see :class:`joblet.actors.prestart.Stage1Pool`).
 
     Args:
         spec: The launch spec.
@@ -156,16 +175,16 @@ class Stage1Gone(Exception):
 class Stage1:
     """A started stage 1 waiting for a launch spec, not knowing which job it will run.
 
-    Exactly what :func:`spawn` starts: ``sys.executable -I -S`` with an empty environment, stdin
-    on ``/dev/null``, stdout and stderr on pipes (they become the job's) and its end of the
-    status socket; nothing else. It exits by itself at EOF on the status socket (the daemon died
-    or closed it). Whoever holds one either hands it a job (:meth:`hand_over`) or closes it
-    (:meth:`aclose`).
+    Exactly what :func:`spawn` starts: ``unshare --pid --fork --kill-child`` running
+    ``sys.executable -I -S`` with an empty environment, stdin on ``/dev/null``, stdout and stderr
+    on pipes (they become the job's) and its end of the start socket; nothing else. It exits by
+    itself at EOF on the start socket (the daemon died or closed it). Whoever holds one either
+    hands it a job (:meth:`hand_over`) or closes it (:meth:`aclose`).
 
     Use :meth:`start` to create one.
 
     Attributes:
-        proc: The process.
+        proc: The process: the ``unshare`` parent, whose only child is the interpreter.
     """
 
     def __init__(self, proc: trio.Process, status: trio.SocketStream) -> None:
@@ -183,7 +202,16 @@ class Stage1:
         try:
             theirs.set_inheritable(True)
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-S", "-c", STAGE1_BOOT, str(theirs.fileno())],
+                [
+                    find_unshare(),
+                    *UNSHARE_ARGS,
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    STAGE1_BOOT,
+                    str(theirs.fileno()),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -220,6 +248,9 @@ class Stage1:
         Consumes this object: afterwards the process is the caller's (see :func:`spawn`), or it
         has been reaped.
 
+        The spec goes over the start socket with a fresh report socket attached (``SCM_RIGHTS``);
+        stage 1's ACK, a failure or the EOF of its exec come back on that one, which nothing but
+        stage 1 holds (the ``unshare`` parent holds the start socket for the job's whole life).
         Stage 1 gets :data:`STAGE1_REPORT_TIMEOUT` to exec the job.
 
         Raises:
@@ -227,13 +258,25 @@ class Stage1:
             StartFailed: It took the spec, then reported a failure, or did not finish in time.
         """
         body = spec.encode()
+        header = len(body).to_bytes(HEADER_SIZE, "big")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        report_stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         report = b""
         timeout = STAGE1_REPORT_TIMEOUT
         try:
             try:
                 with trio.move_on_after(timeout) as deadline:
-                    await self._status.send_all(len(body).to_bytes(HEADER_SIZE, "big") + body)
-                    while chunk := await self._status.receive_some(_STATUS_MAX):
+                    try:
+                        rights = array.array("i", [theirs.fileno()])
+                        await self._status.socket.sendmsg(
+                            [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                        )
+                        theirs.close()  # in flight now: stage 1's alone once it takes it
+                        await self._status.send_all(body)
+                    except (OSError, trio.BrokenResourceError):
+                        pass  # it is gone: the report socket says whether it took the spec
+                    theirs.close()
+                    while chunk := await report_stream.receive_some(_STATUS_MAX):
                         report += chunk
                         if len(report) > _STATUS_MAX:
                             break
@@ -244,12 +287,15 @@ class Stage1:
                         "it was killed"
                     )
             except trio.BrokenResourceError:
-                # EPIPE or ECONNRESET: it ended without reading everything we sent.
+                # ECONNRESET: it ended without reading everything it was sent.
                 if report == ACK:
-                    report += b"stage 1 reset its status socket"
+                    report += b"stage 1 reset its report socket"
         except BaseException:
+            theirs.close()
+            await report_stream.aclose()
             await self.aclose()
             raise
+        await report_stream.aclose()
         if report[:1] != ACK:
             await self.aclose()
             if report:  # it could not even read the spec
@@ -281,7 +327,7 @@ def _exit_status(proc: trio.Process) -> str:
 
 
 def init_pid(proc: trio.Process) -> int | None:
-    """Host PID of the job's PID 1 (dumb-init), the ``unshare`` parent's only child.
+    """Host PID of the job's PID 1 (stage 1, then dumb-init), the ``unshare`` parent's only child.
 
     Returns:
         The PID, or None when it has already exited.
