@@ -212,6 +212,22 @@ def profile_of(tmp_path: Path, document: dict[str, Any]) -> SeccompProfile:
     return load_profile(str(path))
 
 
+@pytest.fixture(scope="module")
+def default() -> SeccompProfile:
+    return load_profile("default")
+
+
+@pytest.fixture(scope="module")
+def marked_default() -> SeccompProfile:
+    """The default profile with every EPERM replaced by :data:`MARKER_ERRNO`."""
+    document = json.loads(seccomp.DEFAULT_PROFILE_PATH.read_text())
+    document["defaultErrnoRet"] = MARKER_ERRNO
+    for rule in document["syscalls"]:
+        if rule.get("errnoRet") == EPERM:
+            rule["errnoRet"] = MARKER_ERRNO
+    return compile_profile(document, name="marked")
+
+
 # -- a classic BPF interpreter, to read a program's verdict for every system call ----------------
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -255,6 +271,135 @@ def x86_64_names() -> Iterator[tuple[str, int]]:
             yield pyseccomp.resolve_syscall(pyseccomp.Arch.X86_64, number).decode(), number
         except ValueError:
             continue
+
+
+# -- the default profile -------------------------------------------------------------------------
+
+
+def test_default_compiles_for_the_native_abi_only(default: SeccompProfile) -> None:
+    assert default.name == "default"
+    assert default.enabled
+    assert default.architectures == ("SCMP_ARCH_X86_64",)
+    assert 0 < default.instructions <= seccomp.MAX_INSTRUCTIONS
+    assert len(default.bpf) == default.instructions * 8
+    # Names newer than this libseccomp are reported, never an error; every one the profile
+    # lists that it does know is compiled.
+    known = {name for name, _ in x86_64_names()}
+    assert not set(default.skipped) & known
+
+
+def test_default_denies_exactly_the_listed_syscalls(default: SeccompProfile) -> None:
+    """The verdict for every x86_64 system call (arguments 0), read from the program itself."""
+    verdicts = {name: run_bpf(default.bpf, number) for name, number in x86_64_names()}
+    denied = {name for name, action in verdicts.items() if action == pyseccomp.ERRNO(EPERM)}
+    assert denied == set(DENIED) | set(ALSO_DENIED)
+    assert verdicts["clone3"] == pyseccomp.ERRNO(ENOSYS)
+    others = set(verdicts) - denied - {"clone3"}
+    assert {name for name in others if verdicts[name] != pyseccomp.ALLOW} == set()
+
+
+def test_default_conditions_in_the_program(default: SeccompProfile) -> None:
+    allow, eperm = pyseccomp.ALLOW, pyseccomp.ERRNO(EPERM)
+    assert run_bpf(default.bpf, nr("clone"), args=(0x11,)) == allow  # SIGCHLD
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, CLONE_NEWUSER, 0x20000000):
+        assert run_bpf(default.bpf, nr("clone"), args=(flag | 0x11,)) == eperm, hex(flag)
+    assert run_bpf(default.bpf, nr("clone"), args=(0x40000000,)) == eperm  # CLONE_NEWNET
+    for persona in (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF):
+        assert run_bpf(default.bpf, nr("personality"), args=(persona,)) == allow, hex(persona)
+    assert run_bpf(default.bpf, nr("personality"), args=(ADDR_NO_RANDOMIZE,)) == eperm
+    assert run_bpf(default.bpf, nr("socket"), args=(AF_VSOCK,)) == eperm
+    assert run_bpf(default.bpf, nr("socket"), args=(2,)) == allow
+    # x32 numbers on the x86_64 token, and another architecture's token: EPERM.
+    assert run_bpf(default.bpf, X32_SYSCALL_BIT | nr("getpid")) == eperm
+    assert run_bpf(default.bpf, 20, arch=0x40000003) == eperm  # AUDIT_ARCH_I386, getpid
+
+
+@pytest.mark.parametrize("variant", ["default", "marked"])
+def test_denied_syscalls_fail_in_the_kernel(
+    tmp_path: Path, default: SeccompProfile, marked_default: SeccompProfile, variant: str
+) -> None:
+    profile, expected = (default, EPERM) if variant == "default" else (marked_default, MARKER_ERRNO)
+    names = DENIED + ALSO_DENIED
+    results = run_child(tmp_path, profile.bpf, [["syscall", nr(name)] for name in names])
+    assert dict(zip(names, results, strict=True)) == {name: [-1, expected] for name in names}
+
+
+def test_conditional_rules_in_the_kernel(
+    tmp_path: Path, default: SeccompProfile, marked_default: SeccompProfile
+) -> None:
+    probes = [
+        # Rejected by the kernel itself (EINVAL) were it not for the filter: nothing is cloned.
+        ["syscall", nr("clone"), CLONE_NEWUSER | CLONE_FS],
+        ["syscall", nr("clone3"), 0, 0],
+        ["syscall", nr("personality"), ADDR_NO_RANDOMIZE],
+        ["syscall", nr("socket"), AF_VSOCK, SOCK_STREAM, 0],
+        ["syscall", nr("personality"), 0xFFFFFFFF],
+    ]
+    unfiltered = run_child(tmp_path, None, probes)
+    assert unfiltered[0] == [-1, 22]  # EINVAL: CLONE_NEWUSER with CLONE_FS
+    assert unfiltered[1] == [-1, 22]  # EINVAL: no clone_args
+    assert unfiltered[2] == [0, 0]  # the old persona: unfiltered, the flag is set
+    assert run_child(tmp_path, default.bpf, probes) == [
+        [-1, EPERM],
+        [-1, ENOSYS],
+        [-1, EPERM],
+        [-1, EPERM],
+        [0, 0],  # the query works (persona PER_LINUX)
+    ]
+    marked = run_child(tmp_path, marked_default.bpf, probes)
+    assert [marked[0], marked[2], marked[3]] == [[-1, MARKER_ERRNO]] * 3
+
+
+def test_other_abis_fail_with_eperm(tmp_path: Path, default: SeccompProfile) -> None:
+    probes = [["int80", 20], ["syscall", X32_SYSCALL_BIT | nr("getpid")], ["syscall", nr("getpid")]]
+    unfiltered = run_child(tmp_path, None, probes)
+    # The kernel has IA32 emulation (int 0x80 getpid answers a pid) and no x32 ABI (ENOSYS).
+    assert unfiltered[0][0] == unfiltered[2][0] > 0
+    assert unfiltered[1] == [-1, ENOSYS]
+    filtered = run_child(tmp_path, default.bpf, probes)
+    assert filtered[0] == [-EPERM, 0]  # int 0x80 returns -errno in eax
+    assert filtered[1] == [-1, EPERM]
+    assert filtered[2][0] > 0
+
+
+WORK = ["threads", "subprocess", "multiprocessing", "sqlite3", "ssl", "sh", "ls", "dumb-init"]
+
+
+def test_ordinary_work_runs_under_the_default(tmp_path: Path, default: SeccompProfile) -> None:
+    results = run_child(tmp_path, default.bpf, [["work", name] for name in WORK])
+    assert dict(zip(WORK, results, strict=True)) == {
+        "threads": True,
+        "subprocess": "42\n",
+        "multiprocessing": [1, 2, 3],
+        "sqlite3": 3,
+        "ssl": True,
+        "sh": "a\nb\nc\n",
+        "ls": 0,
+        "dumb-init": "ok\n",
+    }
+
+
+def test_a_job_may_confine_itself_further(tmp_path: Path, default: SeccompProfile) -> None:
+    """seccomp and landlock stay allowed: a job's own filter stacks on joblet's."""
+    inner = compile_profile(
+        {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 201}],
+        },
+        name="inner",
+    )
+    results = run_child(
+        tmp_path,
+        default.bpf,
+        [
+            ["syscall", nr("landlock_create_ruleset"), 0, 0, 1],  # LANDLOCK_CREATE_RULESET_VERSION
+            ["install", inner.bpf.hex()],
+            ["syscall", nr("getppid")],
+            ["syscall", nr("keyctl")],
+        ],
+    )
+    assert results[0][0] >= 1  # the Landlock ABI version
+    assert results[1:] == [[0, 0], [-1, 201], [-1, EPERM]]
 
 
 # -- off and the installer -----------------------------------------------------------------------
@@ -622,3 +767,21 @@ def test_the_first_unconditional_rule_for_a_syscall_wins() -> None:
             {"names": ["getpid"], "action": first}, {"names": ["getpid"], "action": second}
         )
         assert run_bpf(compile_profile(document, name="t").bpf, nr("getpid")) == verdict
+
+
+def test_the_default_file_is_sorted_and_reviewed() -> None:
+    """One group per action: names sorted, unique, and no name both allowed and denied."""
+    document = json.loads(seccomp.DEFAULT_PROFILE_PATH.read_text())
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for rule in document["syscalls"]:
+        names = rule["names"]
+        assert names == sorted(set(names))
+        (denied if rule["action"] == "SCMP_ACT_ERRNO" else allowed).update(names)
+    assert not allowed & denied
+    assert set(DENIED) | set(ALSO_DENIED) <= denied
+    assert "clone3" not in allowed
+    unconditional = {
+        name for rule in document["syscalls"] if "args" not in rule for name in rule["names"]
+    }
+    assert not {"clone", "personality", "socket"} & unconditional
