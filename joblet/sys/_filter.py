@@ -9,8 +9,6 @@ to this process and everything it execs or forks, and cannot be removed. The ker
 from a process with no_new_privs set (or CAP_SYS_ADMIN): the caller sets no_new_privs first.
 """
 
-from __future__ import annotations
-
 import ctypes
 import os
 
