@@ -132,6 +132,7 @@ def serve(
     from joblet.actors.root import claim_node
     from joblet.sys.cgroups import CgroupUnavailable
     from joblet.sys.locks import LockHeld
+    from joblet.sys.seccomp import SeccompProfileError
 
     try:
         # Before anything in the state directory is touched (certificates, sockets, database).
@@ -140,6 +141,8 @@ def serve(
             trio.run(_run_daemon, config, ssl_context, claim)
     except LockHeld as exc:
         raise Fatal(f"cannot start: {exc}") from exc
+    except SeccompProfileError as exc:
+        raise Fatal(f"invalid isolation.seccomp: {exc}") from exc
     except CgroupUnavailable as exc:
         raise Fatal(f"cgroup setup failed: {exc}") from exc
     except OSError as exc:

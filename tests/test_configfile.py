@@ -116,6 +116,7 @@ def test_every_key(tmp_path: Path) -> None:
           etcFiles: []
           tmpSizeMb: 16
           prestart: 0
+          seccomp: off
           landlock: false
           maxOpenFiles: 1024
         cgroup:
@@ -175,6 +176,7 @@ def test_every_key(tmp_path: Path) -> None:
             etc_files=(),
             tmp_size_mb=16,
             prestart=0,
+            seccomp="off",
             landlock=False,
             max_open_files=1024,
         ),

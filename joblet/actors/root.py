@@ -37,7 +37,7 @@ from joblet.core.lifecycle import JobLifecycle
 from joblet.core.model import JobInfo, JobStatus
 from joblet.sys import launch, locks
 from joblet.sys.cgroups import CgroupDriver, detect_driver
-from joblet.sys.confine import build_confinement
+from joblet.sys.confine import Confinement, build_confinement
 from joblet.sys.host import read_host_facts
 
 
@@ -79,10 +79,12 @@ class NodeClaim:
     Attributes:
         layout: The paths under the (resolved) state directory.
         driver: The cgroup driver, its parent group locked (not set up yet).
+        confinement: Every job's resource limits, Landlock and compiled syscall filter.
     """
 
     layout: StateLayout
     driver: CgroupDriver
+    confinement: Confinement
 
 
 @contextlib.contextmanager
@@ -99,13 +101,17 @@ def claim_node(config: Config) -> Iterator[NodeClaim]:
         CgroupUnavailable: The cgroup configuration cannot work on this host.
     """
     layout = attrs.evolve(config.layout, root=config.state_dir.resolve())
+    iso = config.isolation
+    confinement = build_confinement(
+        seccomp=iso.seccomp, landlock=iso.landlock, max_open_files=iso.max_open_files
+    )
     with locks.hold_state_dir(layout.root, layout.lock):
         driver = detect_driver(config.cgroup)
         # Locked before anything is set up or swept under it.
         lock_dir = driver.parent_dirs()[0]
         lock_dir.mkdir(parents=True, exist_ok=True)
         with locks.hold(lock_dir, "cgroup parent", directory=True):
-            yield NodeClaim(layout=layout, driver=driver)
+            yield NodeClaim(layout=layout, driver=driver, confinement=confinement)
 
 
 @asynccontextmanager
@@ -130,14 +136,15 @@ async def open_node(
     with contextlib.ExitStack() as stack:
         if claim is None:
             claim = stack.enter_context(claim_node(config))
-        async with _open_node(config, claim.layout, claim.driver, shutdown_grace) as node:
+        async with _open_node(config, claim, shutdown_grace) as node:
             yield node
 
 
 @asynccontextmanager
 async def _open_node(
-    config: Config, layout: StateLayout, driver: CgroupDriver, shutdown_grace: float
+    config: Config, claim: NodeClaim, shutdown_grace: float
 ) -> AsyncIterator[Node]:
+    layout, driver = claim.layout, claim.driver
     for directory in (layout.jobs_dir, layout.logs_dir, layout.metrics_dir):
         directory.mkdir(parents=True, exist_ok=True)
     driver.setup()
@@ -158,10 +165,7 @@ async def _open_node(
             isolation=config.isolation,
             jobs_dir=layout.jobs_dir,
             init=launch.find_init(),
-            confinement=build_confinement(
-                landlock=config.isolation.landlock,
-                max_open_files=config.isolation.max_open_files,
-            ),
+            confinement=claim.confinement,
             cleanup_timeout=config.joblet.cleanup_timeout,
         ),
         node_id=load_node_id(layout.node_id),

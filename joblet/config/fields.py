@@ -13,7 +13,7 @@ file.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import attrs
 
@@ -23,6 +23,23 @@ from joblet.config.durations import parse_duration
 T = TypeVar("T")
 
 _METADATA_KEY = "joblet.config"
+
+
+class _OffMarker:
+    def __repr__(self) -> str:
+        return "or off"
+
+
+#: The marker inside :data:`OrOff`.
+OR_OFF: Final = _OffMarker()
+#: A string setting that may also be ``off``, written the way YAML reads as false (``off``,
+#: ``no``, ``false`` unquoted): the file's converter turns that false back into ``"off"``.
+OrOff = Annotated[str, OR_OFF]
+
+
+def is_or_off(type_: object) -> bool:
+    """Whether an attribute's (resolved) type is :data:`OrOff`."""
+    return OR_OFF in getattr(type_, "__metadata__", ())
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from cattrs.gen import make_dict_structure_fn, override
 
 from joblet.config.checks import Check, ElementError, show
 from joblet.config.durations import format_duration, is_seconds, parse_duration
-from joblet.config.fields import setting_of
+from joblet.config.fields import is_or_off, setting_of
 from joblet.config.model import Config
 
 T = TypeVar("T")
@@ -201,6 +201,12 @@ def _seconds(value: object, _: object = None) -> float:
     return parse_duration(value)
 
 
+def _str_or_off(value: object, _: object = None) -> str:
+    if value is False:  # YAML 1.1 reads an unquoted off (or no, false) as false
+        return "off"
+    return _str(value)
+
+
 def _str(value: object, _: object = None) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {show(value)}")
@@ -256,6 +262,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Path, _path)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _str_tuple)
     conv.register_structure_hook_func(is_seconds, _seconds)
+    conv.register_structure_hook_func(is_or_off, _str_or_off)
     for cls in _sections(Config):
         overrides: dict[str, Any] = {}
         for field in attrs.fields(cls):

@@ -24,7 +24,7 @@ from joblet.config.checks import (
     positive,
 )
 from joblet.config.durations import Seconds, positive_duration
-from joblet.config.fields import duration, section, setting
+from joblet.config.fields import OrOff, duration, section, setting
 from joblet.config.layout import CERTS_DIR, DEFAULT_PERSIST_SOCKET, StateLayout
 from joblet.core.model import Limits
 
@@ -202,6 +202,13 @@ class IsolationSection:
         doc="Job helper processes kept started ahead, for faster job starts\n"
         "(0 = start each with its job).",
         check=between(0, MAX_PRESTART),
+    )
+    seccomp: OrOff = setting(
+        "default",
+        key="seccomp",
+        doc="Syscall filter of every job: default (joblet's profile), off, or the path\n"
+        "of a profile in Docker's seccomp JSON format.",
+        check=not_empty,
     )
     landlock: bool = setting(
         True,

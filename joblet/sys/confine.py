@@ -78,14 +78,23 @@ def landlock_abi() -> int:
     return int(version)
 
 
-def build_confinement(*, landlock: bool, max_open_files: int) -> Confinement:
+def build_confinement(*, seccomp: str, landlock: bool, max_open_files: int) -> Confinement:
     """The node's confinement of jobs from the ``isolation:`` settings.
 
     Args:
+        seccomp: ``isolation.seccomp``: ``default``, ``off`` or a Docker-format profile's path.
         landlock: Whether to use Landlock where the kernel has it.
         max_open_files: ``isolation.maxOpenFiles``.
+
+    Raises:
+        SeccompProfileError: The profile cannot be read or compiled; the message says why.
     """
+    from joblet.sys.seccomp import load_profile  # libseccomp: only when a node starts
+
+    profile = load_profile(seccomp)
     return Confinement(
+        seccomp=profile.name,
+        seccomp_bpf=profile.bpf,
         landlock=landlock_abi() if landlock else 0,
         rlimits=job_rlimits(max_open_files),
     )

@@ -156,7 +156,7 @@ async def test_proc_sys_sysrq_and_kcore_are_denied(joblet: Harness) -> None:
         "mem": "head -c 1 /dev/mem > /dev/null",
     }
     script = "; ".join(
-        f"if {a} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
+        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
         for k, a in attempts.items()
     )
     _, out, _ = await run_sh(joblet, script)
@@ -172,7 +172,7 @@ async def test_mount_and_mknod_fail(joblet: Harness) -> None:
         "mknod-block": "mknod /work/sda b 8 0",
     }
     script = "; ".join(
-        f"if {a} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
+        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
         for k, a in attempts.items()
     )
     _, out, _ = await run_sh(joblet, script)
@@ -292,7 +292,7 @@ for addr in ({str(path)!r}, {abstract!r}):
 async def test_its_own_cgroup_limits_cannot_be_written(joblet: Harness) -> None:
     script = (
         "cat /proc/self/cgroup; ls /sys 2>&1 | head -1; "
-        "echo max > /sys/fs/cgroup/memory.max 2>/dev/null && echo wrote || echo denied; "
+        "{ echo max > /sys/fs/cgroup/memory.max; } 2>/dev/null && echo wrote || echo denied; "
         "mount -t cgroup2 none /tmp 2>/dev/null && echo mounted || echo denied"
     )
     job = await joblet.run("sh", "-c", script + "; sleep 1")
@@ -374,7 +374,7 @@ async def test_landlock_confines_a_root_jobs_writes_to_its_own_paths(
         "devnull": "echo x > /dev/null",
     }
     script = "; ".join(
-        f"if {a} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
+        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
         for k, a in attempts.items()
     )
     async with open_harness(make_config(isolation=iso)) as joblet:
