@@ -292,8 +292,8 @@ PHASES = (
     ("stage 1: join cgroups, check /proc/self/cgroup", "spec", "joined"),
     ("stage 1: unshare, sethostname", "joined", "root"),
     ("stage 1: build the root (mounts, /etc, /dev)", "root", "built"),
-    ("stage 1: resolve command, prctl, close fds", "built", "exec"),
-    ("execve(unshare) to the daemon seeing EOF", "exec", "eof"),
+    ("stage 1: chroot, limits, uid, Landlock, close fds, filter", "built", "exec"),
+    ("execve(dumb-init) to the daemon seeing EOF", "exec", "eof"),
     ("EOF to run_job returning RUNNING", "eof", "returned"),
 )
 #: What "spec sent -> stage 1 has it" holds for a stage 1 started with its job (no waiting one
@@ -406,7 +406,7 @@ async def start_breakdown(args: argparse.Namespace) -> None:
         for label, start, end in COLD_PHASES:
             row(label, p50_p90(start, end, 0.0, True), "", p50_p90(start, end, IDLE_GAP, True))
         row(
-            "after RUNNING: execve(unshare) -> command runs",
+            "after RUNNING: execve(dumb-init) -> command runs",
             p50_p90("exec", "command", 0.0),
             "",
             p50_p90("exec", "command", IDLE_GAP),
