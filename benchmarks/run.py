@@ -25,7 +25,7 @@ Every section prints the load average (``/proc/loadavg``) before and after it: t
 only comparable at a similar load. Run as root.
 
 Usage: ``python -m benchmarks.run [--jobs 200] [--log-mb 200] [--rate-seconds 3]
-[--breakdown [N]] [--prestart N] [--only start,logs,grpc]``.
+[--breakdown [N]] [--prestart N] [--seccomp PROFILE] [--landlock on|off] [--only start,logs,grpc]``.
 """
 
 from __future__ import annotations
@@ -672,6 +672,10 @@ def bench_config(args: argparse.Namespace) -> Config:
     isolation = base.isolation
     if args.prestart is not None:
         isolation = attrs.evolve(isolation, prestart=args.prestart)
+    if args.seccomp is not None:
+        isolation = attrs.evolve(isolation, seccomp=args.seccomp)
+    if args.landlock is not None:
+        isolation = attrs.evolve(isolation, landlock=args.landlock == "on")
     return attrs.evolve(base, joblet=joblet_cfg, isolation=isolation)
 
 
@@ -707,6 +711,19 @@ def cli() -> None:
         metavar="N",
         help="stage-1 processes kept waiting (isolation.prestart) in the engine benchmarks' "
         "harness; 0 starts each with its job (default: the configuration's default)",
+    )
+    parser.add_argument(
+        "--seccomp",
+        default=None,
+        metavar="PROFILE",
+        help="isolation.seccomp of the engine benchmarks' harness (default, off or a path; "
+        "default: the configuration's default)",
+    )
+    parser.add_argument(
+        "--landlock",
+        choices=("on", "off"),
+        default=None,
+        help="isolation.landlock of the engine benchmarks' harness",
     )
     every = [*ENGINE_BENCHES, *PROCESS_BENCHES]
     parser.add_argument("--only", default="", help="comma-separated: " + ",".join(every))
