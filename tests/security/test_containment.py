@@ -311,6 +311,7 @@ async def test_its_own_cgroup_limits_cannot_be_written(joblet: Harness) -> None:
 # --- limits inside the job --------------------------------------------------------------------
 
 
+@pytest.mark.cgroup2
 async def test_resource_limits_inside_the_job(joblet: Harness) -> None:
     code = r"""
 import resource as r
@@ -352,6 +353,7 @@ async def test_max_open_files_comes_from_config(joblet: Harness) -> None:
 # --- Landlock ---------------------------------------------------------------------------------
 
 
+@pytest.mark.cgroup2  # and on the VM's older kernel (a lower Landlock ABI)
 @pytest.mark.parametrize("landlock", [True, False], ids=["landlock", "no-landlock"])
 async def test_landlock_confines_a_root_jobs_writes_to_its_own_paths(
     root: None, landlock: bool

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from joblet.config import IsolationSection
 from joblet.core.model import JobStatus
 from joblet.sys import seccomp
@@ -74,6 +76,7 @@ def _known(name: str) -> bool:
     return True
 
 
+@pytest.mark.cgroup2  # and on the VM's older kernel
 async def test_every_denied_syscall_fails_with_eperm_in_a_job(root: None) -> None:
     got, profile = await probe(IsolationSection())
     assert profile == "default"
@@ -112,6 +115,7 @@ async def test_off_means_no_filter(root: None) -> None:
     assert out == "Seccomp:\t0\n"
 
 
+@pytest.mark.cgroup2  # and on the VM's older kernel
 async def test_a_job_runs_under_the_filter_and_only_the_job(root: None) -> None:
     async with open_harness(make_config()) as joblet:
         final, out, _ = await run(joblet, "grep", "^Seccomp", "/proc/1/status", "/proc/self/status")
@@ -162,6 +166,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.cgroup2  # and on the VM's older kernel
 async def test_ordinary_programs_still_work(root: None) -> None:
     async with open_harness(make_config()) as joblet:
         final, out, err = await run(joblet, "python3", "-c", ORDINARY)
