@@ -120,7 +120,8 @@ class _Refusals:
         if now - self._last >= REFUSAL_LOG_INTERVAL:
             logfmt.warn(
                 "connection refused: limit reached",
-                limit=f"{limit}={value}",
+                limit=limit,
+                max=value,
                 remote=remote,
                 refused=self._since_logged,
             )
