@@ -260,7 +260,10 @@ class ServerConnection(GRPCConnection):  # type: ignore[misc]
 
     def refuse_stream(self, stream_id: int) -> None:
         """Reset a new stream with REFUSED_STREAM (not processed: the client may retry it)."""
-        self.h2_connection.reset_stream(stream_id, _H2_REFUSED_STREAM)
+        try:
+            self.h2_connection.reset_stream(stream_id, _H2_REFUSED_STREAM)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client has reset it already (in the same read)
         self.forget_stream(stream_id)
 
     def _request_received(self, event: Any) -> list[Any]:

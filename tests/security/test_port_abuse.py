@@ -12,21 +12,28 @@ are ``benchmarks/port_abuse.py``'s; here the good client only has to complete wi
 from __future__ import annotations
 
 import resource
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio.abc
+import grpc
 import h2.events  # type: ignore[import-untyped]
 import h2.settings  # type: ignore[import-untyped]
+import hpack  # type: ignore[import-untyped]
 import pytest
 import trio
+from purerpc.grpclib.config import GRPCConfiguration
 
 from benchmarks import abusers
 from joblet.certs import CertPaths
 from joblet.config import GrpcSection
 from joblet.protocol import joblet_pb2 as pb
 from joblet.rpc.server import Admission
+from joblet.rpc.transport import CallCount, CallStream, ServerSocket
 from tests.conftest import require_root
 from tests.daemon import Daemon, running_daemon
 from tests.test_grpc import FakeEngine, job_stub, open_channel, server_certs, serving
@@ -111,8 +118,15 @@ def _garbage() -> dict[str, bytes]:
     continuation_flood = abusers.raw_frame(0x1, 0, 1, b"") + b"".join(
         abusers.raw_frame(0x9, 0, 1, b"\0" * 100) for _ in range(100)
     )
+    big = hpack.Encoder().encode([*abusers.CALL_HEADERS, ("x-big", "a" * 100_000)])
+    blocks = [big[i : i + 16384] for i in range(0, len(big), 16384)]
+    oversized = abusers.raw_frame(0x1, 0, 1, blocks[0]) + b"".join(
+        abusers.raw_frame(0x9, 0x4 if i == len(blocks) - 1 else 0, 1, block)
+        for i, block in enumerate(blocks[1:], 1)
+    )
     return {
         "random bytes after TLS": abusers.random_bytes(4096, 7),
+        "a 100 kB header": settings + oversized,
         "a wrong preface": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         "DATA on stream 0": settings + abusers.raw_frame(0x0, 0, 0, b"x" * 10),
         "undecodable headers": settings + headers,
@@ -176,13 +190,14 @@ def test_streams_reset_as_fast_as_they_open(daemon: Daemon) -> None:
     assert rss_kib(daemon) - before < RSS_GROWTH_KIB
 
 
-def test_a_ping_flood_whose_acks_are_never_read_stalls_only_itself(daemon: Daemon) -> None:
+@pytest.mark.parametrize("frame", [abusers.PING, abusers.EMPTY_SETTINGS], ids=["PING", "SETTINGS"])
+def test_a_flood_whose_acks_are_never_read_stalls_only_itself(daemon: Daemon, frame: bytes) -> None:
     before = rss_kib(daemon)
     flood_bytes = 256 << 20
     sent = 0
     with tls(daemon) as sock:
         sock.settimeout(2.0)  # the server stops reading: sending stalls
-        chunk = abusers.PING * 4000
+        chunk = frame * (65536 // len(frame))
         try:
             sock.sendall(abusers.PREFACE + abusers.EMPTY_SETTINGS)
             while sent < flood_bytes:
@@ -194,6 +209,70 @@ def test_a_ping_flood_whose_acks_are_never_read_stalls_only_itself(daemon: Daemo
         served(daemon)
         assert rss_kib(daemon) - before < RSS_GROWTH_KIB
         abusers.wait_all_closed([sock], IDLE + MARGIN)
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(daemon: Daemon) -> None:
+    certs = daemon.certs
+    states: list[grpc.ChannelConnectivity] = []
+    went_idle = threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if grpc.ChannelConnectivity.READY in states and state is grpc.ChannelConnectivity.IDLE:
+            went_idle.set()  # the server's GOAWAY
+
+    with open_channel(daemon.target, certs.ca_cert, (certs.admin_cert, certs.admin_key)) as ch:
+        stub = job_stub(ch)
+        stub.ListJobs(pb.EmptyRequest(), timeout=T)
+        ch.subscribe(seen)
+        assert went_idle.wait(IDLE + MARGIN), states
+        stub.ListJobs(pb.EmptyRequest(), timeout=T)  # on a new connection
+        ch.unsubscribe(seen)
+
+
+# --- limits on connections and streams, in-process (small limits) -------------------------------
+
+
+async def test_a_stream_over_the_calls_in_flight_is_refused() -> None:
+    """REFUSED_STREAM while handlers are still running, even if h2 counts fewer open streams
+    (the client reset them: the handlers may still be finishing)."""
+    near, far = socket.socketpair()
+    stream = await anyio.abc.SocketStream.from_socket(near)
+    calls = CallCount()
+    server = ServerSocket(
+        GRPCConfiguration(client_side=False),
+        stream,
+        max_recv=1000,
+        keepalive=30,
+        max_streams=2,
+        calls=calls,
+    )
+    received: list[CallStream] = []
+
+    def client() -> abusers.H2Client:
+        far.settimeout(5)
+        h2c = abusers.H2Client(far)  # type: ignore[arg-type]
+        h2c.drain()
+        for i in range(3):
+            (sid,) = h2c.open_streams(1)
+            h2c.conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            if i < 2:
+                h2c.conn.reset_stream(sid, 8)  # CANCEL: h2's count of open streams goes down
+            h2c.flush()
+            h2c.drain(0.2)
+        return h2c
+
+    async def listen() -> None:
+        async for call in server.listen():
+            received.append(call)  # never ended: still in flight
+
+    with trio.fail_after(20), far:
+        async with stream, server, trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            h2c = await trio.to_thread.run_sync(client)
+            nursery.cancel_scope.cancel()
+    assert len(received) == 2 and calls.count == 2
+    assert h2c.refused() == 1
 
 
 # --- limits on connections, in-process (small limits) ------------------------------------------
