@@ -8,6 +8,12 @@ spawned, so every call of that connection inherits it), then purerpc's framing w
 (:mod:`joblet.rpc.transport`) and one task per call (:mod:`joblet.rpc.dispatch`). A closed
 connection cancels all of its calls.
 
+Bounded: each limit of ``grpc:`` (connections in all, per client certificate, handshakes per
+client address, the handshake and preface timeout, the idle timeout, calls per connection) is
+applied here or in :mod:`joblet.rpc.transport`; a connection over a limit is closed at once and
+leaves the others alone, and whatever a connection does wrong ends that connection only, in one
+log line (``docs/decisions.md``, "the port under abuse").
+
 Drain, don't cut: :meth:`GrpcServer.stop` closes the listeners first, so connecting is refused
 from then on; calls in flight get ``drain_timeout`` to finish (new calls on a connection already
 open are answered UNAVAILABLE), every connection closes with GOAWAY once its last call has ended,
@@ -173,8 +179,9 @@ class ConnectionHandler:
     async def __call__(self, raw: anyio.abc.SocketStream) -> None:
         """Serve one connection: admit it, handshake, then its calls until it closes."""
         deadline = trio.current_time() + self._grpc.handshake_timeout
-        address: str | None = None
-        if self._ssl_context is None:
+        address: str | None = None  # the client's address, None on a Unix socket
+        ctx = self._ssl_context
+        if ctx is None:
             remote = auth.unix_peer(raw).remote
         else:
             where = raw.extra(anyio.abc.SocketAttribute.remote_address, "?")
@@ -187,14 +194,11 @@ class ConnectionHandler:
         client: str | None = None
         try:
             stream: anyio.abc.ByteStream
-            if self._ssl_context is None:
-                stream = raw
-                peer = auth.unix_peer(raw)
+            if ctx is None:
+                stream, peer = raw, auth.unix_peer(raw)
             else:
                 try:
-                    handshaken = await tls.server_handshake(
-                        raw, remote, self._ssl_context, deadline=deadline
-                    )
+                    handshaken = await tls.server_handshake(raw, remote, ctx, deadline=deadline)
                 finally:
                     self.admission.handshake_ended(address)
                 if handshaken is None:
@@ -203,7 +207,7 @@ class ConnectionHandler:
                 peer = tls.peer_from_certificate(
                     handshaken.extra(TLSAttribute.peer_certificate_binary, None), remote
                 )
-                ca_error = tls.ca_validity_error(self._ssl_context)
+                ca_error = tls.ca_validity_error(ctx)
                 if ca_error:
                     peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
                 if peer.subject:
@@ -318,7 +322,7 @@ class GrpcServer:
         services: What to serve.
         ssl_context: TLS settings (see :func:`~joblet.rpc.tls.server_ssl_context`); None only
             with a Unix socket listener (see :class:`ConnectionHandler`).
-        config: Address, port, message size limits, keep-alive.
+        config: Address, port, message size limits, keep-alive, timeouts, connection limits.
         listener: An already bound listener (see :func:`~joblet.rpc.listeners.open_listener` and
             :func:`~joblet.rpc.listeners.open_unix_listener`), so a bind failure can surface
             before the caller starts anything else; by default :meth:`run` binds ``config``'s
