@@ -215,6 +215,27 @@ def ping_flood(port: int, certs: CertPaths) -> Iterator[list[Any]]:
 
 
 @contextmanager
+def settings_flood(port: int, certs: CertPaths) -> Iterator[list[Any]]:
+    """One connection sending SETTINGS frames for 5 s, never reading the acks."""
+    tls = _tls(port, certs)
+    tls.settimeout(5)
+    sent = 0
+    try:
+        tls.sendall(abusers.PREFACE + abusers.EMPTY_SETTINGS)
+        chunk = abusers.EMPTY_SETTINGS * 7000
+        while sent < 256 << 20:
+            tls.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    print(f"    (SETTINGS flood: {sent >> 20} MiB sent before the server stopped reading)")
+    try:
+        yield [tls]
+    finally:
+        tls.close()
+
+
+@contextmanager
 def big_frame_trickle(port: int, certs: CertPaths) -> Iterator[list[Any]]:
     """50 connections each announcing a 16 MiB frame and sending 1 MiB of it."""
     socks = []
@@ -241,6 +262,7 @@ ABUSES: dict[str, Callable[[int, CertPaths], AbstractContextManager[list[Any]]]]
     "1 connection, 5000 streams": many_streams,
     "1 connection, 20000 rapid resets": rapid_reset,
     "PING flood, acks never read": ping_flood,
+    "SETTINGS flood, acks never read": settings_flood,
     "50 x 16 MiB frame, 1 MiB sent": big_frame_trickle,
 }
 
