@@ -49,7 +49,7 @@ from joblet.rpc.listeners import (
     listener_addresses,
     open_listener,
 )
-from joblet.rpc.transport import GONE, CallCount, CallStream, ServerSocket
+from joblet.rpc.transport import GONE, CallCount, CallStream, PeerProtocolError, ServerSocket
 
 #: How long calls in flight get to finish once the server stops: longer than the node's grace
 #: period for its jobs (10 s), so that log streams end with their jobs rather than at the deadline.
@@ -257,6 +257,8 @@ class ConnectionHandler:
                         nursery.start_soon(self._request_received, call, calls)
                     # The client closed the connection: no answer can reach it any more.
                     connection.cancel()
+        except* PeerProtocolError as group:
+            logfmt.warn("HTTP/2 protocol error", remote=remote, error=_first_line(group))
         except* GONE as group:
             logfmt.debug("connection lost", remote=remote, error=_first_line(group))
         except* GRPCError as group:

@@ -139,6 +139,10 @@ class CallCount:
             await self._changed.wait()
 
 
+class PeerProtocolError(Exception):
+    """The client broke HTTP/2 (h2 has sent it GOAWAY saying how): its connection ends."""
+
+
 class _Rejected(Exception):
     def __init__(self, error: JobletError) -> None:
         super().__init__(str(error))
@@ -502,11 +506,11 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 return
             try:
                 events = self._grpc_connection.receive_data(data)
-            except h2.exceptions.ProtocolError:
+            except h2.exceptions.ProtocolError as exc:
                 # h2 has queued a GOAWAY saying what was wrong: send it, then fail.
                 with trio.move_on_after(GOAWAY_TIMEOUT):
                     await self._socket.wait_sent()
-                raise
+                raise PeerProtocolError(str(exc) or type(exc).__name__) from exc
             if self._grpc_connection.preface_received:
                 self.preface.set()
             await self._socket.flush()

@@ -143,12 +143,18 @@ def test_garbage_closes_that_connection_only(daemon: Daemon, name: str) -> None:
     try:
         bystander.sendall(abusers.PREFACE + abusers.EMPTY_SETTINGS)
         with tls(daemon) as sock:
+            host, port = sock.getsockname()[:2]
             sock.sendall(_garbage()[name])
             abusers.wait_all_closed([sock], MARGIN)
         assert not abusers.closed_by_peer(bystander)
     finally:
         bystander.close()
     served(daemon)
+    # One line at most, and not an error: the server logs before it closes.
+    lines = [line for line in daemon.log().splitlines() if f"remote={host}:{port}" in line]
+    assert len(lines) <= 1 and not any("[ERROR]" in line for line in lines), lines
+    if name != "random bytes after TLS":  # TLS records that do not decrypt: debug
+        assert lines and "[WARN] HTTP/2 protocol error" in lines[0], lines
 
 
 def test_random_bytes_instead_of_a_client_hello(daemon: Daemon) -> None:
