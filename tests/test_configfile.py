@@ -105,6 +105,12 @@ def test_every_key(tmp_path: Path) -> None:
           maxRecvMsgSize: 1024
           maxSendMsgSize: 2048
           keepAliveTime: 1m
+          handshakeTimeout: 3s
+          idleTimeout: 1h
+          maxConcurrentStreams: 10
+          maxConnections: 20
+          maxConnectionsPerClient: 5
+          maxHandshakesPerAddress: 4
         security:
           caCert: /etc/joblet/ca.pem
           serverCert: /etc/joblet/server.pem
@@ -163,6 +169,12 @@ def test_every_key(tmp_path: Path) -> None:
             max_recv_msg_size=1024,
             max_send_msg_size=2048,
             keep_alive_time=60.0,
+            handshake_timeout=3.0,
+            idle_timeout=3600.0,
+            max_concurrent_streams=10,
+            max_connections=20,
+            max_connections_per_client=5,
+            max_handshakes_per_address=4,
         ),
         security=SecuritySection(
             ca_cert="/etc/joblet/ca.pem",
@@ -277,6 +289,21 @@ def _camel(name: str) -> str:
         ("grpc:\n  maxSendMsgSize: -4\n", "grpc.maxSendMsgSize: must be positive (got -4)"),
         ("grpc:\n  address: ''\n", "grpc.address: must not be empty"),
         ("grpc:\n  address: 5\n", "grpc.address: expected a string, got 5"),
+        ("grpc:\n  handshakeTimeout: 0\n", "grpc.handshakeTimeout: must be positive (got 0s)"),
+        ("grpc:\n  idleTimeout: 0s\n", "grpc.idleTimeout: must be positive (got 0s)"),
+        (
+            "grpc:\n  maxConcurrentStreams: 0\n",
+            "grpc.maxConcurrentStreams: must be between 1 and 2147483647 (got 0)",
+        ),
+        ("grpc:\n  maxConnections: 0\n", "grpc.maxConnections: must be positive (got 0)"),
+        (
+            "grpc:\n  maxConnectionsPerClient: -1\n",
+            "grpc.maxConnectionsPerClient: must be positive (got -1)",
+        ),
+        (
+            "grpc:\n  maxHandshakesPerAddress: 0\n",
+            "grpc.maxHandshakesPerAddress: must be positive (got 0)",
+        ),
         ("grpc: 5\n", "grpc: expected a mapping, got 5"),
         ("grpc: [port]\n", "grpc: expected a mapping, got a list"),
         ("stateDir: ''\n", "stateDir: must not be empty"),
@@ -633,6 +660,8 @@ def test_durations_in_code_are_seconds() -> None:
         "JobletSection.cleanup_timeout",
         "JobletSection.stop_grace_period",
         "GrpcSection.keep_alive_time",
+        "GrpcSection.handshake_timeout",
+        "GrpcSection.idle_timeout",
         "LogsSection.flush_interval",
         "MetricsSection.interval",
         "RetentionSection.cleanup_interval",

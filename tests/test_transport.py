@@ -20,13 +20,15 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 
 from joblet.core.errors import InvalidRequest, ResourceExhausted
 from joblet.rpc.transport import (
-    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
     RequestRejected,
     ServerConnection,
     StreamReset,
+    connection_window,
 )
 
 LIMIT = 1000  # maxRecvMsgSize of these connections
+STREAMS = 7  # maxConcurrentStreams of these connections
 
 
 class RecordingConnection(ServerConnection):
@@ -35,7 +37,7 @@ class RecordingConnection(ServerConnection):
 
     def __init__(self, config: Any, *, max_recv: int) -> None:
         self.acknowledged: dict[int, int] = {}
-        super().__init__(config, max_recv=max_recv)
+        super().__init__(config, max_recv=max_recv, max_streams=STREAMS)
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
         self.acknowledged[stream_id] = self.acknowledged.get(stream_id, 0) + flow_controlled_length
@@ -90,10 +92,28 @@ class Pair:
 def test_settings_give_each_stream_room_for_one_request() -> None:
     pair = Pair()
     codes = h2.settings.SettingCodes
-    assert pair.client.remote_settings[codes.MAX_CONCURRENT_STREAMS] == MAX_CONCURRENT_STREAMS
+    assert pair.client.remote_settings[codes.MAX_CONCURRENT_STREAMS] == STREAMS
     assert pair.client.remote_settings[codes.INITIAL_WINDOW_SIZE] == 65535  # max(64 KiB, limit)
     big = Pair(max_recv=1 << 20)
     assert big.client.remote_settings[codes.INITIAL_WINDOW_SIZE] == (1 << 20) + 5
+
+
+def test_frames_and_the_connection_window_are_bounded() -> None:
+    pair = Pair()
+    codes = h2.settings.SettingCodes
+    assert pair.client.remote_settings[codes.MAX_FRAME_SIZE] == MAX_FRAME_SIZE == 16384
+    assert pair.client.outbound_flow_control_window == connection_window(LIMIT) == 4 << 20
+    assert connection_window(64 << 20) == 2 * ((64 << 20) + 5)
+    assert pair.server.preface_received
+
+
+def test_the_preface_is_noticed() -> None:
+    server = RecordingConnection(GRPCConfiguration(client_side=False), max_recv=LIMIT)
+    server.initiate_connection()
+    server.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert not server.preface_received
+    server.receive_data(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS, empty
+    assert server.preface_received
 
 
 def test_a_message_within_the_limit_is_received() -> None:

@@ -56,6 +56,8 @@ CGROUP_DRIVERS = ("auto", "v1", "v2")
 MAX_PRESTART = 64
 _UID_MAX = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
 _PORT = between(1, 65535)
+#: Largest value HTTP/2 allows in a SETTINGS frame.
+MAX_STREAMS = 2**31 - 1
 
 
 @attrs.frozen
@@ -134,6 +136,46 @@ class GrpcSection:
         key="keepAliveTime",
         doc="Interval of keep-alive pings on idle connections.",
         check=positive_duration,
+    )
+    handshake_timeout: Seconds = duration(
+        10.0,
+        key="handshakeTimeout",
+        doc="Longest a new connection may take to complete its TLS handshake and send\n"
+        "the HTTP/2 preface; then it is closed.",
+        check=positive_duration,
+    )
+    idle_timeout: Seconds = duration(
+        300.0,
+        key="idleTimeout",
+        doc="A connection with no call in flight for this long is closed (GOAWAY;\n"
+        "clients reconnect for their next call).",
+        check=positive_duration,
+    )
+    max_concurrent_streams: int = setting(
+        100,
+        key="maxConcurrentStreams",
+        doc="Most calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS;\n"
+        "a stream above it is refused).",
+        check=between(1, MAX_STREAMS),
+    )
+    max_connections: int = setting(
+        512,
+        key="maxConnections",
+        doc="Most connections open at once; one more is closed at once.",
+        check=positive,
+    )
+    max_connections_per_client: int = setting(
+        64,
+        key="maxConnectionsPerClient",
+        doc="Most connections open at once with one client certificate (by its subject).",
+        check=positive,
+    )
+    max_handshakes_per_address: int = setting(
+        32,
+        key="maxHandshakesPerAddress",
+        doc="Most connections from one client address that have not completed\n"
+        "their TLS handshake yet.",
+        check=positive,
     )
 
 

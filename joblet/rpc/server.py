@@ -8,6 +8,12 @@ spawned, so every call of that connection inherits it), then purerpc's framing w
 (:mod:`joblet.rpc.transport`) and one task per call (:mod:`joblet.rpc.dispatch`). A closed
 connection cancels all of its calls.
 
+Bounded: each limit of ``grpc:`` (connections in all, per client certificate, handshakes per
+client address, the handshake and preface timeout, the idle timeout, calls per connection) is
+applied here or in :mod:`joblet.rpc.transport`; a connection over a limit is closed at once and
+leaves the others alone, and whatever a connection does wrong ends that connection only, in one
+log line (``docs/decisions.md``, "the port under abuse").
+
 Drain, don't cut: :meth:`GrpcServer.stop` closes the listeners first, so connecting is refused
 from then on; calls in flight get ``drain_timeout`` to finish (new calls on a connection already
 open are answered UNAVAILABLE), every connection closes with GOAWAY once its last call has ended,
@@ -17,7 +23,10 @@ Cancelling :meth:`GrpcServer.run` instead stops at once.
 
 from __future__ import annotations
 
+import collections
 import errno
+import logging
+import math
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +49,7 @@ from joblet.rpc.listeners import (
     listener_addresses,
     open_listener,
 )
-from joblet.rpc.transport import GONE, CallStream, ServerSocket
+from joblet.rpc.transport import GONE, CallCount, CallStream, PeerProtocolError, ServerSocket
 
 #: How long calls in flight get to finish once the server stops: longer than the node's grace
 #: period for its jobs (10 s), so that log streams end with their jobs rather than at the deadline.
@@ -48,41 +57,99 @@ DRAIN_TIMEOUT = 15.0
 #: accept() errors that mean "out of resources for now": wait and retry, as trio's serve_listeners.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_DELAY = 0.1
+#: Least time between two log lines about connections refused for a limit (each says how many).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
-@attrs.define
-class _Calls:
-    """The calls in flight on one connection."""
+class Admission:
+    """Who is connected, against the connection limits of ``grpc:`` (no I/O).
 
-    count: int = 0
-    _none_left: trio.Event = attrs.field(factory=trio.Event)
+    A connection is counted from its accept to its close (``maxConnections``); while it has
+    not completed its TLS handshake, also under its client's address
+    (``maxHandshakesPerAddress``); once it has, under its certificate's subject
+    (``maxConnectionsPerClient``). Each method that admits returns the limit it would break
+    (its config key), or ``""`` having counted the connection.
+    """
 
-    def begin(self) -> None:
-        self.count += 1
+    def __init__(self, config: GrpcSection) -> None:
+        self._config = config
+        self.connections = 0
+        self._handshaking: collections.Counter[str] = collections.Counter()
+        self._clients: collections.Counter[str] = collections.Counter()
 
-    def end(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._none_left.set()
+    def accepted(self, address: str | None) -> str:
+        """A new connection, from ``address`` (None: a Unix socket)."""
+        if self.connections >= self._config.max_connections:
+            return "maxConnections"
+        if address is not None:
+            if self._handshaking[address] >= self._config.max_handshakes_per_address:
+                return "maxHandshakesPerAddress"
+            self._handshaking[address] += 1
+        self.connections += 1
+        return ""
 
-    async def wait_none(self) -> None:
-        """Return once no call is in flight."""
-        while self.count:
-            self._none_left = trio.Event()
-            await self._none_left.wait()
+    def handshake_ended(self, address: str | None) -> None:
+        """The connection from ``address`` has completed (or failed) its handshake."""
+        if address is not None:
+            _decrement(self._handshaking, address)
+
+    def identified(self, client: str) -> str:
+        """The connection's client certificate names ``client`` (its subject)."""
+        if self._clients[client] >= self._config.max_connections_per_client:
+            return "maxConnectionsPerClient"
+        self._clients[client] += 1
+        return ""
+
+    def closed(self, client: str | None) -> None:
+        """An admitted connection has closed (``client``: as identified, if it was)."""
+        self.connections -= 1
+        if client is not None:
+            _decrement(self._clients, client)
+
+
+def _decrement(counter: collections.Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]  # the counters hold only who is connected now
+
+
+class _Refusals:
+    """Log lines about refused connections: one at most every :data:`REFUSAL_LOG_INTERVAL`."""
+
+    def __init__(self) -> None:
+        self._since_logged = 0
+        self._last = -math.inf
+
+    def refused(self, limit: str, value: int, remote: str) -> None:
+        self._since_logged += 1
+        now = trio.current_time()
+        if now - self._last >= REFUSAL_LOG_INTERVAL:
+            logfmt.warn(
+                "connection refused: limit reached",
+                limit=limit,
+                max=value,
+                remote=remote,
+                refused=self._since_logged,
+            )
+            self._since_logged = 0
+            self._last = now
 
 
 class ConnectionHandler:
     """Serves connections: one instance for every connection of a server.
 
-    :meth:`__call__` runs one connection from the accept to its end.
+    :meth:`__call__` runs one connection from the accept to its end, within the bounds of
+    ``grpc:`` (see :class:`Admission` and :mod:`joblet.rpc.transport`): a connection over a
+    limit is closed at once; one that has not completed its TLS handshake and sent the HTTP/2
+    preface within ``handshakeTimeout`` is closed; one with no call in flight for
+    ``idleTimeout`` is closed with GOAWAY.
 
     Args:
         services: The services to dispatch to.
         ssl_context: The server's TLS context (see :func:`~joblet.rpc.tls.server_ssl_context`);
             None for a Unix socket, which is served without TLS: its file mode decides who may
             connect, and each client is :func:`~joblet.rpc.auth.local_peer`.
-        config: Message size limits and keep-alive.
+        config: Message size limits, keep-alive, timeouts and connection limits.
     """
 
     def __init__(
@@ -99,6 +166,9 @@ class ConnectionHandler:
         self._ssl_context = ssl_context
         self._grpc = config
         self._draining = trio.Event()
+        self._refusals = _Refusals()
+        #: The connections open now, by limit.
+        self.admission = Admission(config)
         #: Calls in flight on every connection.
         self.calls = 0
 
@@ -107,69 +177,137 @@ class ConnectionHandler:
         self._draining.set()
 
     async def __call__(self, raw: anyio.abc.SocketStream) -> None:
-        """Serve one connection: handshake, then its calls until it closes."""
-        stream: anyio.abc.ByteStream
-        if self._ssl_context is None:
-            stream = raw
-            peer = auth.unix_peer(raw)
-            remote = peer.remote
+        """Serve one connection: admit it, handshake, then its calls until it closes."""
+        deadline = trio.current_time() + self._grpc.handshake_timeout
+        address: str | None = None  # the client's address, None on a Unix socket
+        ctx = self._ssl_context
+        if ctx is None:
+            remote = auth.unix_peer(raw).remote
         else:
-            remote = format_address(raw.extra(anyio.abc.SocketAttribute.remote_address, "?"))
-            handshaken = await tls.server_handshake(raw, remote, self._ssl_context)
-            if handshaken is None:
-                return
-            stream = handshaken
-            peer = tls.peer_from_certificate(
-                handshaken.extra(TLSAttribute.peer_certificate_binary, None), remote
-            )
-            ca_error = tls.ca_validity_error(self._ssl_context)
-            if ca_error:
-                peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
+            where = raw.extra(anyio.abc.SocketAttribute.remote_address, "?")
+            remote = format_address(where)
+            address = str(where[0]) if isinstance(where, tuple) else remote
+        refused = self.admission.accepted(address)
+        if refused:
+            await self._refuse(raw, refused, remote)
+            return
+        client: str | None = None
+        try:
+            stream: anyio.abc.ByteStream
+            if ctx is None:
+                stream, peer = raw, auth.unix_peer(raw)
+            else:
+                try:
+                    handshaken = await tls.server_handshake(raw, remote, ctx, deadline=deadline)
+                finally:
+                    self.admission.handshake_ended(address)
+                if handshaken is None:
+                    return
+                stream = handshaken
+                peer = tls.peer_from_certificate(
+                    handshaken.extra(TLSAttribute.peer_certificate_binary, None), remote
+                )
+                ca_error = tls.ca_validity_error(ctx)
+                if ca_error:
+                    peer = attrs.evolve(peer, role=None, problem=ca_error, auth_error=ca_error)
+                if peer.subject:
+                    refused = self.admission.identified(peer.subject)
+                    if refused:
+                        await self._refuse(stream, refused, remote)
+                        return
+                    client = peer.subject
+            await self._serve(stream, peer, remote, deadline)
+        finally:
+            self.admission.closed(client)
+
+    async def _refuse(self, stream: anyio.abc.AsyncResource, limit: str, remote: str) -> None:
+        value = {
+            "maxConnections": self._grpc.max_connections,
+            "maxHandshakesPerAddress": self._grpc.max_handshakes_per_address,
+            "maxConnectionsPerClient": self._grpc.max_connections_per_client,
+        }[limit]
+        self._refusals.refused(limit, value, remote)
+        with trio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+
+    async def _serve(
+        self, stream: anyio.abc.ByteStream, peer: auth.Peer, remote: str, deadline: float
+    ) -> None:
         # Inherited by every call task spawned below: the handlers' view of who is calling.
         auth.current_peer.set(peer)
         logfmt.debug("client connected", remote=remote, client=peer.name, role=peer.role or "-")
+        calls = CallCount()
         try:
-            grpc_socket = ServerSocket(
-                self._purerpc_config,
-                stream,
-                max_recv=self._grpc.max_recv_msg_size,
-                keepalive=self._grpc.keep_alive_time,
-            )
-            async with grpc_socket as sock:
-                calls = _Calls()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._close_when_drained, sock, calls, nursery.cancel_scope)
+            # Cancelled to close the connection: the socket's writer task is inside it too.
+            with trio.CancelScope() as connection:
+                grpc_socket = ServerSocket(
+                    self._purerpc_config,
+                    stream,
+                    max_recv=self._grpc.max_recv_msg_size,
+                    keepalive=self._grpc.keep_alive_time,
+                    max_streams=self._grpc.max_concurrent_streams,
+                    calls=calls,
+                )
+                async with grpc_socket as sock, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._require_preface, sock, deadline, remote, connection)
+                    nursery.start_soon(self._close_when_idle, sock, calls, remote, connection)
+                    nursery.start_soon(self._close_when_drained, sock, calls, connection)
                     async for call in sock.listen():
-                        calls.begin()
                         self.calls += 1
                         nursery.start_soon(self._request_received, call, calls)
                     # The client closed the connection: no answer can reach it any more.
-                    nursery.cancel_scope.cancel()
+                    connection.cancel()
+        except* PeerProtocolError as group:
+            logfmt.warn("HTTP/2 protocol error", remote=remote, error=_first_line(group))
         except* GONE as group:
             logfmt.debug("connection lost", remote=remote, error=_first_line(group))
         except* GRPCError as group:
             logfmt.warn("gRPC protocol error", remote=remote, error=_first_line(group))
-        except* Exception:
-            # A bug here: this connection ends, the server carries on.
-            logfmt.error("connection failed", remote=remote, exc_info=True)
+        except* Exception as group:
+            # A bug here: this connection ends, the server carries on. One line at ERROR;
+            # the traceback at DEBUG.
+            logfmt.error("connection failed", remote=remote, error=_first_line(group))
+            logfmt.event(logging.DEBUG, "connection failed", remote=remote, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(stream)
 
-    async def _request_received(self, call: CallStream, calls: _Calls) -> None:
+    async def _request_received(self, call: CallStream, calls: CallCount) -> None:
         try:
             await self.dispatcher.serve(call, refuse=self._draining.is_set())
         finally:
             calls.end()
             self.calls -= 1
 
+    async def _require_preface(
+        self, sock: ServerSocket, deadline: float, remote: str, connection: trio.CancelScope
+    ) -> None:
+        with trio.move_on_at(deadline):
+            await sock.preface.wait()
+            return
+        logfmt.warn("HTTP/2 preface timed out", remote=remote)
+        connection.cancel()
+
+    async def _close_when_idle(
+        self, sock: ServerSocket, calls: CallCount, remote: str, connection: trio.CancelScope
+    ) -> None:
+        while True:
+            await calls.wait_none()
+            with trio.move_on_after(self._grpc.idle_timeout) as idle:
+                await calls.wait_changed()
+            if idle.cancelled_caught and not calls.count:
+                break
+        logfmt.debug("idle connection closed", remote=remote)
+        await sock.go_away()
+        connection.cancel()
+
     async def _close_when_drained(
-        self, sock: ServerSocket, calls: _Calls, connection: trio.CancelScope
+        self, sock: ServerSocket, calls: CallCount, connection: trio.CancelScope
     ) -> None:
         await self._draining.wait()
         await calls.wait_none()
         await sock.go_away()
-        connection.cancel()  # stop reading: the connection closes, its GOAWAY sent
+        connection.cancel()  # its GOAWAY sent (or not read within GOAWAY_TIMEOUT)
 
 
 class GrpcServer:
@@ -186,7 +324,7 @@ class GrpcServer:
         services: What to serve.
         ssl_context: TLS settings (see :func:`~joblet.rpc.tls.server_ssl_context`); None only
             with a Unix socket listener (see :class:`ConnectionHandler`).
-        config: Address, port, message size limits, keep-alive.
+        config: Address, port, message size limits, keep-alive, timeouts, connection limits.
         listener: An already bound listener (see :func:`~joblet.rpc.listeners.open_listener` and
             :func:`~joblet.rpc.listeners.open_unix_listener`), so a bind failure can surface
             before the caller starts anything else; by default :meth:`run` binds ``config``'s

@@ -15,6 +15,15 @@ what it does at the edges:
   stream and ignoring events of streams already dropped instead of failing with a KeyError).
 - TCP options (keep-alive, no-delay) are set on TCP sockets only: the same code serves a Unix
   socket.
+
+What one connection can make the server hold is bounded (``docs/decisions.md``, "the port under
+abuse"): at most ``grpc.maxConcurrentStreams`` calls in flight (a stream above it is refused with
+RST_STREAM(REFUSED_STREAM), whatever h2's count of open streams says, so a client that resets
+its streams as fast as it opens them cannot pile up handler tasks either); frames of at most
+:data:`MAX_FRAME_SIZE`; unread request data up to :func:`connection_window`; and up to
+:data:`OUTBOUND_HIGH_WATER` of frames waiting to be sent, above which the connection stops
+reading and its calls stop writing until the peer reads (a peer that floods PINGs or SETTINGS
+and never reads the acks, or never reads its responses, costs no more than that).
 """
 
 from __future__ import annotations
@@ -28,11 +37,12 @@ from typing import Any
 import anyio
 import anyio.abc
 import h2.exceptions  # type: ignore[import-untyped]
+import h2.frame_buffer  # type: ignore[import-untyped]
 import h2.settings  # type: ignore[import-untyped]
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
-from purerpc.grpclib.buffers import MessageReadBuffer
+from purerpc.grpclib.buffers import MessageReadBuffer, MessageWriteBuffer
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import (
     MessageReceived,
@@ -45,9 +55,13 @@ from purerpc.grpclib.exceptions import MessageTooLargeError, UnsupportedMessageE
 
 from joblet.core.errors import InvalidRequest, JobletError, ResourceExhausted
 
-#: Streams one connection may have open at once (purerpc's default is 65536). Each may hold up
-#: to its receive window of unread request data.
-MAX_CONCURRENT_STREAMS = 1000
+#: Largest frame a client may send: HTTP/2's default and least value (purerpc's is 16 MiB, which
+#: h2 would buffer whole for every connection before looking at it).
+MAX_FRAME_SIZE = 16384
+#: Bytes of frames waiting to be sent above which a connection stops reading and writing.
+OUTBOUND_HIGH_WATER = 1 << 20
+#: Longest a closing connection waits for its GOAWAY to be sent to a peer that does not read.
+GOAWAY_TIMEOUT = 1.0
 #: The connection or the stream is gone while we answer: there is nobody left to tell.
 GONE: tuple[type[BaseException], ...] = (
     anyio.BrokenResourceError,
@@ -64,6 +78,19 @@ GONE_WHILE_SENDING: tuple[type[Exception], ...] = (
     anyio.ClosedResourceError,
 )
 _H2_NO_ERROR = 0
+_H2_REFUSED_STREAM = 7
+
+
+def stream_window(max_recv: int) -> int:
+    """Each stream's receive window: room for one whole request (``max_recv`` bytes and its
+    5-byte prefix), and no more."""
+    return min(2**31 - 1, max(65535, max_recv + 5))
+
+
+def connection_window(max_recv: int) -> int:
+    """The connection's receive window: request data a client may have sent that no call has
+    read yet (purerpc's is 1 GiB); room for a few whole requests at once."""
+    return min(2**31 - 1, max(4 << 20, 2 * stream_window(max_recv)))
 
 
 class RequestRejected:
@@ -79,6 +106,41 @@ class StreamReset:
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
+
+
+class CallCount:
+    """The calls in flight on one connection, and a way to wait for that number to change."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = trio.Event()
+
+    def begin(self) -> None:
+        """A call has started."""
+        self.count += 1
+        self._notify()
+
+    def end(self) -> None:
+        """A call has ended (its handler returned)."""
+        self.count -= 1
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return once a call has started or ended."""
+        await self._changed.wait()
+
+    async def wait_none(self) -> None:
+        """Return once no call is in flight."""
+        while self.count:
+            await self._changed.wait()
+
+
+class PeerProtocolError(Exception):
+    """The client broke HTTP/2 (h2 has sent it GOAWAY saying how): its connection ends."""
 
 
 class _Rejected(Exception):
@@ -146,14 +208,34 @@ class LimitedReadBuffer(MessageReadBuffer):  # type: ignore[misc]
         return out
 
 
+class EarlyLimitFrameBuffer(h2.frame_buffer.FrameBuffer):  # type: ignore[misc]
+    """h2's frame buffer, refusing an overlong frame as soon as its header arrives.
+
+    h2 (3.x) checks a frame's length only once the whole frame is buffered, so a peer that
+    announces a 16 MiB frame and trickles it would be held to the end.
+    """
+
+    def next(self) -> Any:
+        if len(self.data) >= 9:
+            self._validate_frame_length(int.from_bytes(self.data[:3], "big"))
+        return super().next()
+
+    __next__ = next
+
+
 class ServerConnection(GRPCConnection):  # type: ignore[misc]
-    """purerpc's gRPC-over-h2 state machine with per-stream limits instead of fatal errors."""
+    """purerpc's gRPC-over-h2 state machine with per-stream limits instead of fatal errors.
 
-    MAX_CONCURRENT_STREAMS = MAX_CONCURRENT_STREAMS
+    Attributes:
+        preface_received: Whether the client's connection preface (and its SETTINGS) arrived.
+    """
 
-    def __init__(self, config: Any, *, max_recv: int) -> None:
+    def __init__(self, config: Any, *, max_recv: int, max_streams: int) -> None:
         self._max_recv = max_recv
+        self.MAX_CONCURRENT_STREAMS = max_streams
+        self.preface_received = False
         super().__init__(config)
+        self.h2_connection.incoming_buffer = EarlyLimitFrameBuffer(server=True)
 
     def _set_h2_connection_local_settings(self) -> None:
         codes = h2.settings.SettingCodes
@@ -161,13 +243,32 @@ class ServerConnection(GRPCConnection):  # type: ignore[misc]
             client=False,
             initial_values={
                 codes.MAX_CONCURRENT_STREAMS: self.MAX_CONCURRENT_STREAMS,
-                # Room for one whole request per stream, and no more.
-                codes.INITIAL_WINDOW_SIZE: min(2**31 - 1, max(65535, self._max_recv + 5)),
-                codes.MAX_FRAME_SIZE: self.MAX_INBOUND_FRAME_SIZE,
+                codes.INITIAL_WINDOW_SIZE: stream_window(self._max_recv),
+                codes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
                 codes.MAX_HEADER_LIST_SIZE: self.MAX_HEADER_LIST_SIZE,
             },
         )
-        self.h2_connection.max_inbound_frame_size = self.MAX_INBOUND_FRAME_SIZE
+        self.h2_connection.max_inbound_frame_size = MAX_FRAME_SIZE
+
+    def initiate_connection(self) -> None:
+        """Send our preface: SETTINGS, and the connection window of :func:`connection_window`."""
+        self.h2_connection.initiate_connection()
+        self.h2_connection.increment_flow_control_window(
+            connection_window(self._max_recv) - 65535  # HTTP/2's initial connection window
+        )
+
+    def _remote_settings_changed(self, event: Any) -> list[Any]:
+        self.preface_received = True  # h2 checked the preface; SETTINGS must come first
+        events: list[Any] = super()._remote_settings_changed(event)
+        return events
+
+    def refuse_stream(self, stream_id: int) -> None:
+        """Reset a new stream with REFUSED_STREAM (not processed: the client may retry it)."""
+        try:
+            self.h2_connection.reset_stream(stream_id, _H2_REFUSED_STREAM)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client has reset it already (in the same read)
+        self.forget_stream(stream_id)
 
     def _request_received(self, event: Any) -> list[Any]:
         events: list[Any] = super()._request_received(event)
@@ -252,6 +353,23 @@ class CallStream(GRPCProtoStream):  # type: ignore[misc]
                     self._stream_id, event.flow_controlled_length
                 )
 
+    async def _send(self, message: bytes, compress: bool = False) -> None:
+        # purerpc's, waiting while the connection has more than its high-water mark to send.
+        buffer = MessageWriteBuffer(
+            self._grpc_connection.config.message_encoding,
+            self._grpc_connection.config.max_message_length,
+        )
+        buffer.write_message(message, compress)
+        while buffer:
+            await self._socket.wait_writable()
+            window_size = self._grpc_connection.flow_control_window(self._stream_id)
+            if window_size <= 0:
+                await self._wait_flow_control_update()
+                continue
+            data = buffer.data_to_send(min(window_size, len(buffer)))
+            self._grpc_connection.send_data(self._stream_id, data)
+            await self._socket.flush()
+
     async def finish(self, status: Any) -> None:
         """End the call with ``status``; if the client is still sending, ask it to stop."""
         if self.reset_by_client:
@@ -276,26 +394,93 @@ class TcpOptionsSocketWrapper(SocketWrapper):  # type: ignore[misc]
             SocketWrapper._set_socket_options(stream)
 
 
+class BoundedSocketWrapper(TcpOptionsSocketWrapper):
+    """The server's socket wrapper: it knows how much is waiting to be sent, so that the
+    connection's reader and its calls can wait while that is above :data:`OUTBOUND_HIGH_WATER`.
+    """
+
+    def __init__(self, grpc_connection: ServerConnection, stream: anyio.abc.ByteStream) -> None:
+        super().__init__(grpc_connection, stream)
+        self._sending = 0
+        self._sent = trio.Event()
+
+    def pending(self) -> int:
+        """Bytes queued or being sent."""
+        # purerpc makes h2's outbound buffer a bytearray (grpclib/_h2_monkeypatch.py).
+        return self._sending + len(self._grpc_connection.h2_connection._data_to_send)
+
+    async def _writer_thread(self) -> None:
+        while True:
+            data = self._grpc_connection.data_to_send()
+            if data:
+                self._sending = len(data)
+                await self._stream.send(data)
+                self._sending = 0
+                self._sent.set()
+                self._sent = trio.Event()
+            elif self._running:
+                flushed: anyio.Event = self._flush_event  # type: ignore[has-type]
+                await flushed.wait()
+                self._flush_event = anyio.Event()
+            else:
+                return
+
+    async def wait_writable(self) -> None:
+        """Return once no more than :data:`OUTBOUND_HIGH_WATER` bytes wait to be sent."""
+        while self.pending() > OUTBOUND_HIGH_WATER:
+            await self._sent.wait()
+
+    async def wait_sent(self) -> None:
+        """Return once everything queued has been sent."""
+        await self.flush()
+        while self.pending():
+            await self._sent.wait()
+
+
 def _is_tcp(stream: anyio.abc.ByteStream) -> bool:
     family = stream.extra(anyio.abc.SocketAttribute.family, None)
     return family in (socket.AF_INET, socket.AF_INET6)
 
 
 class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
-    """purerpc's server-side connection with our connection state machine and streams."""
+    """purerpc's server-side connection with our connection state machine, streams and limits.
+
+    Args:
+        config: purerpc's configuration (server side, its send limit).
+        sock: The connection.
+        max_recv: ``grpc.maxRecvMsgSize``.
+        keepalive: ``grpc.keepAliveTime``.
+        max_streams: ``grpc.maxConcurrentStreams``: a new stream while ``calls`` has this many
+            is refused.
+        calls: The calls in flight on this connection, counted by whoever runs them.
+
+    Attributes:
+        preface: Set once the client's HTTP/2 preface has arrived.
+    """
 
     StreamClass = CallStream
 
     def __init__(
-        self, config: Any, sock: anyio.abc.ByteStream, *, max_recv: int, keepalive: float
+        self,
+        config: Any,
+        sock: anyio.abc.ByteStream,
+        *,
+        max_recv: int,
+        keepalive: float,
+        max_streams: int,
+        calls: CallCount,
     ) -> None:
         # purerpc's GRPCSocket.__init__ without its SocketWrapper, whose TCP options a Unix
         # socket rejects: the same four attributes, with our connection and wrapper.
         AsyncExitStack.__init__(self)
-        self._grpc_connection = ServerConnection(config, max_recv=max_recv)
-        self._socket = TcpOptionsSocketWrapper(self._grpc_connection, sock)
-        self._receive_buffer_size = 1024 * 1024
+        self._grpc_connection = ServerConnection(config, max_recv=max_recv, max_streams=max_streams)
+        self._socket = BoundedSocketWrapper(self._grpc_connection, sock)
+        # One TLS record at most arrives per read anyway; this bounds a Unix socket's reads.
+        self._receive_buffer_size = 64 * 1024
         self._streams: dict[int, Any] = {}
+        self._max_streams = max_streams
+        self._calls = calls
+        self.preface = trio.Event()
         _set_keepalive(sock, keepalive)  # after purerpc's own socket options (idle 300 s)
 
     async def go_away(self) -> None:
@@ -303,20 +488,31 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
 
         Only once no call is in flight: h2 (3.x) treats a connection it sent or received GOAWAY
         on as closed, on both sides, so a stream still running would fail in a client built on
-        it (such as purerpc's).
+        it (such as purerpc's). Waits up to :data:`GOAWAY_TIMEOUT` for it to be sent.
         """
         self._grpc_connection.h2_connection.close_connection()
-        await self._socket.flush()
+        with trio.move_on_after(GOAWAY_TIMEOUT):
+            await self._socket.wait_sent()
 
     async def _listen(self) -> Any:
         # purerpc's loop, plus: resets reach their stream, events of streams we already dropped
-        # are ignored instead of failing the connection with a KeyError.
+        # are ignored instead of failing the connection with a KeyError, streams above the
+        # limit are refused, and nothing more is read while too much waits to be sent.
         while True:
+            await self._socket.wait_writable()
             try:
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return
-            events = self._grpc_connection.receive_data(data)
+            try:
+                events = self._grpc_connection.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                # h2 has queued a GOAWAY saying what was wrong: send it, then fail.
+                with trio.move_on_after(GOAWAY_TIMEOUT):
+                    await self._socket.wait_sent()
+                raise PeerProtocolError(str(exc) or type(exc).__name__) from exc
+            if self._grpc_connection.preface_received:
+                self.preface.set()
             await self._socket.flush()
             for event in events:
                 if isinstance(event, WindowUpdated):
@@ -326,8 +522,13 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                     elif event.stream_id in self._streams:
                         await self._streams[event.stream_id]._set_flow_control_update()
                 elif isinstance(event, RequestReceived):
+                    if self._calls.count >= self._max_streams:
+                        self._grpc_connection.refuse_stream(event.stream_id)
+                        await self._socket.flush()
+                        continue
                     stream = self._allocate_stream(event.stream_id)
                     await stream._incoming_events[0].send(event)
+                    self._calls.begin()
                     yield stream
                 elif isinstance(event, StreamReset):
                     stream = self._streams.pop(event.stream_id, None)
@@ -336,6 +537,10 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 else:
                     stream = self._streams.get(event.stream_id)
                     if stream is None:
+                        if isinstance(event, MessageReceived):  # nobody will read it
+                            self._grpc_connection.acknowledge_received_data(
+                                event.stream_id, event.flow_controlled_length
+                            )
                         continue
                     await stream._incoming_events[0].send(event)
                     if isinstance(event, RequestEnded | ResponseEnded):
