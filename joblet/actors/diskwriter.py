@@ -10,7 +10,10 @@ The actor owns the open :class:`~joblet.store.logfiles.LogFileWriter` of every j
 that is not yet closed, and closes each once the job's last chunk is written
 (:meth:`DiskWriter.close_job`). What it holds survives a failure of :meth:`DiskWriter.run`:
 a batch that could not be written is kept and retried when the actor is restarted (see
-:func:`joblet.actors.supervisor.supervise`), so log data is never dropped.
+:func:`joblet.actors.supervisor.supervise`), so log data is never dropped. A full filesystem
+(ENOSPC, EDQUOT, SQLite's "full") is not a failure of the actor: it retries the batch in place
+with backoff, logging once when the disk fills and once when writing resumes; meanwhile the
+output waits in the log budget and, at its bound, jobs block on write.
 
 It also owns the job database (:class:`~joblet.store.jobdb.JobDB`): :meth:`DiskWriter.save_job`
 queues a job's metadata, written with the next batch (at once: a saved job does not wait for the
@@ -28,6 +31,8 @@ one at a time.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +52,13 @@ from joblet.store.metricfiles import MetricsWriter, delete_job_metrics, metrics_
 
 #: Longest the final write on shutdown (cancellation of :meth:`DiskWriter.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0
+#: While the disk is full, the delay before the first retry; it doubles up to
+#: :data:`FULL_RETRY_MAX`. The writer retries in place (no restart, no traceback per attempt),
+#: and what waits meanwhile is held by the log budget, so jobs block on write.
+FULL_RETRY_MIN = 0.1
+#: The longest delay between retries while the disk is full: how late writing resumes at worst
+#: once space is freed.
+FULL_RETRY_MAX = 2.0
 
 
 class LogWriteError(Exception):
@@ -119,6 +131,8 @@ class DiskWriter:
         self._progress = trio.lowlevel.ParkingLot()
         self._urgent = 0
         self._running = False
+        #: Batches that failed because the disk was full (each one retried later).
+        self.failed_writes = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -267,7 +281,8 @@ class DiskWriter:
         Reports ``started`` once the logs directory exists.
 
         Raises:
-            LogWriteError: A batch could not be written (it stays queued for the next run).
+            LogWriteError: A batch could not be written, for another reason than a full disk
+                (it stays queued for the next run).
             RuntimeError: The actor is already running.
         """
         if self._running:
@@ -279,9 +294,7 @@ class DiskWriter:
             )
             task_status.started()
             try:
-                while True:
-                    await self._wait_for_batch()
-                    await self._write_batch()
+                await self._write_batches()
             except trio.Cancelled:
                 await self._final_flush()
                 raise
@@ -289,6 +302,34 @@ class DiskWriter:
             self._running = False
 
     # --- internals -----------------------------------------------------------------------------
+
+    async def _write_batches(self) -> None:
+        """Write each batch when due; a full disk is retried here, other failures raise."""
+        backoff = 0.0
+        while True:
+            if backoff:
+                # Not woken by new work: every chunk would otherwise be a retry.
+                await trio.sleep(backoff)
+            else:
+                await self._wait_for_batch()
+            try:
+                await self._write_batch()
+            except LogWriteError as e:
+                if not is_disk_full(e.__cause__):
+                    raise
+                self.failed_writes += 1
+                if not backoff:
+                    logfmt.error(
+                        "state filesystem full: job output and records wait in memory, "
+                        "jobs block on write",
+                        error=f"{e}: {e.__cause__}",
+                        retry=f"every {FULL_RETRY_MAX}s at most",
+                    )
+                backoff = min(max(backoff * 2, FULL_RETRY_MIN), FULL_RETRY_MAX)
+                continue
+            if backoff:
+                logfmt.info("state filesystem writable again: writes resumed")
+                backoff = 0.0
 
     async def _wait_for_batch(self) -> None:
         queue = self._queue
@@ -451,6 +492,15 @@ class DiskWriter:
                 result.delete_errors[job_id] = e
         result.deletions_done = True
         return result
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` says the filesystem is full (ENOSPC, EDQUOT, or SQLite's "full")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
 
 
 def _tell(
