@@ -165,6 +165,25 @@ class DiskWriter:
             self._db = await trio.to_thread.run_sync(JobDB, self._db_path)
         return await trio.to_thread.run_sync(self._db.load, limiter=self._limiter)
 
+    async def finish_deletions(self) -> list[str]:
+        """Delete the files of jobs whose deletion a crash interrupted (their rows are gone).
+
+        Call once at start-up, after :meth:`open_db`, with :meth:`run` running. Returns the jobs.
+        """
+        if self._db is None:
+            return []
+        job_ids = await trio.to_thread.run_sync(self._db.deleting, limiter=self._limiter)
+        for job_id in job_ids:
+            try:
+                await self._delete(job_id, logs=True, metrics=True)
+            except DeleteError as e:
+                logfmt.error(
+                    "files of a deleted job could not be deleted",
+                    jobId=job_id,
+                    error=str(e.__cause__),
+                )
+        return job_ids
+
     def submit_job(self, info: JobInfo) -> trio.Event:
         """Queue a job's metadata for the database; the event is set once it is written.
 
@@ -480,7 +499,10 @@ class DiskWriter:
                     self._db.save(saves)
                 deletes = [j for j, r in records.items() if r.info is None]
                 if deletes:
-                    self._db.delete(deletes)
+                    # A job deleted whole is noted with its row: a crash before its files are
+                    # gone leaves the note, and the next start finishes the deletion.
+                    whole = [j for j in deletes if _whole(batch.deletions.get(j))]
+                    self._db.delete(deletes, files_of=whole)
             except Exception as e:
                 result.error = e
                 return result
@@ -491,7 +513,20 @@ class DiskWriter:
             except (OSError, ValueError) as e:
                 result.delete_errors[job_id] = e
         result.deletions_done = True
+        gone = [
+            j for j, d in batch.deletions.items() if _whole(d) and j not in result.delete_errors
+        ]
+        if gone and self._db is not None:
+            try:
+                self._db.files_deleted(gone)
+            except Exception as e:  # the notes stay: the next start deletes nothing again
+                logfmt.warn("deletion notes could not be dropped", error=str(e))
         return result
+
+
+def _whole(deletion: Deletion[_Done] | None) -> bool:
+    """Whether a deletion removes all of a job's files (a deleted job's, not retention's)."""
+    return deletion is not None and deletion.logs and deletion.metrics
 
 
 def is_disk_full(error: BaseException | None) -> bool:
