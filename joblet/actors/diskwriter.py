@@ -35,6 +35,7 @@ import errno
 import sqlite3
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -87,6 +88,9 @@ class _BatchResult:
     written: int = 0
     closed: list[str] = attrs.Factory(list)
     error: BaseException | None = None
+    #: Jobs whose chunks in the batch were not written: their closes, records and deletions
+    #: wait for the retry.
+    held: set[str] = attrs.Factory(set)
     records_saved: bool = False
     deletions_done: bool = False
     delete_errors: dict[str, Exception] = attrs.Factory(dict)
@@ -400,14 +404,19 @@ class DiskWriter:
         for item in batch.logs[: result.written]:
             item.log.mark_written(item.end)
         queue.closed(result.closed)
+        now = trio.current_time()
+        records, held_records = _split(batch.records, result.held)
         if result.records_saved:
-            _tell(batch.records)
+            _tell(records)
         else:
-            queue.requeue_records(batch.records, trio.current_time())
+            queue.requeue_records(records, now)
+        queue.requeue_records(held_records, now)
+        deletions, held_deletions = _split(batch.deletions, result.held)
         if result.deletions_done:
-            _tell(batch.deletions, result.delete_errors)
+            _tell(deletions, result.delete_errors)
         else:
-            queue.requeue_deletions(batch.deletions, trio.current_time())
+            queue.requeue_deletions(deletions, now)
+        queue.requeue_deletions(held_deletions, now)
         self._progress.unpark_all()
         if result.error is not None:
             queue.requeue(batch.logs[result.written :], trio.current_time())
@@ -465,11 +474,13 @@ class DiskWriter:
             delete_job_metrics(self._metrics_dir, job_id)
 
     def _write_sync(self, batch: _Batch) -> _BatchResult:
-        """Write a batch (in the worker thread); stops at the first job that fails.
+        """Write a batch (in the worker thread); log chunks stop at the first job that fails.
 
         Log chunks first, then the job records, so a record never gets ahead of its log; then the
-        deletions, so files go only after their job's row (a crash in between leaves files
-        without a row, which retention ages out, never a row whose log is gone).
+        deletions, so files go only after their job's row (a crash in between leaves the note
+        that recovery finishes, never a row whose log is gone). A job whose chunks were not
+        written keeps its close, record and deletion for the retry; the other jobs' go on, so
+        that deleting jobs frees space while another job's output cannot be written.
         """
         result = _BatchResult()
         for item in batch.logs:
@@ -481,9 +492,12 @@ class DiskWriter:
                 writer.append(item.chunks)
             except Exception as e:
                 result.error = e
-                return result
+                break
             result.written += 1
+        held = result.held = {item.job_id for item in batch.logs[result.written :]}
         for job_id in batch.closing:
+            if job_id in held:
+                continue
             writer = self._writers.pop(job_id, None)
             if writer is not None:
                 try:
@@ -491,7 +505,7 @@ class DiskWriter:
                 except OSError as e:
                     logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
             result.closed.append(job_id)
-        records = batch.records
+        records = {j: r for j, r in batch.records.items() if j not in held}
         if records and self._db is not None:
             try:
                 saves = [r.info for r in records.values() if r.info is not None]
@@ -504,17 +518,22 @@ class DiskWriter:
                     whole = [j for j in deletes if _whole(batch.deletions.get(j))]
                     self._db.delete(deletes, files_of=whole)
             except Exception as e:
-                result.error = e
+                if result.error is None:
+                    result.error = e
                 return result
         result.records_saved = True
         for job_id, deletion in batch.deletions.items():
+            if job_id in held:
+                continue
             try:
                 self._delete_files(job_id, deletion)
             except (OSError, ValueError) as e:
                 result.delete_errors[job_id] = e
         result.deletions_done = True
         gone = [
-            j for j, d in batch.deletions.items() if _whole(d) and j not in result.delete_errors
+            j
+            for j, d in batch.deletions.items()
+            if _whole(d) and j not in held and j not in result.delete_errors
         ]
         if gone and self._db is not None:
             try:
@@ -522,6 +541,17 @@ class DiskWriter:
             except Exception as e:  # the notes stay: the next start deletes nothing again
                 logfmt.warn("deletion notes could not be dropped", error=str(e))
         return result
+
+
+_V = TypeVar("_V")
+
+
+def _split(items: dict[str, _V], held: set[str]) -> tuple[dict[str, _V], dict[str, _V]]:
+    """``items`` of the jobs not held, and of those held."""
+    return (
+        {j: v for j, v in items.items() if j not in held},
+        {j: v for j, v in items.items() if j in held},
+    )
 
 
 def _whole(deletion: Deletion[_Done] | None) -> bool:
