@@ -10,7 +10,10 @@ The actor owns the open :class:`~joblet.store.logfiles.LogFileWriter` of every j
 that is not yet closed, and closes each once the job's last chunk is written
 (:meth:`DiskWriter.close_job`). What it holds survives a failure of :meth:`DiskWriter.run`:
 a batch that could not be written is kept and retried when the actor is restarted (see
-:func:`joblet.actors.supervisor.supervise`), so log data is never dropped.
+:func:`joblet.actors.supervisor.supervise`), so log data is never dropped. A full filesystem
+(ENOSPC, EDQUOT, SQLite's "full") is not a failure of the actor: it retries the batch in place
+with backoff, logging once when the disk fills and once when writing resumes; meanwhile the
+output waits in the log budget and, at its bound, jobs block on write.
 
 It also owns the job database (:class:`~joblet.store.jobdb.JobDB`): :meth:`DiskWriter.save_job`
 queues a job's metadata, written with the next batch (at once: a saved job does not wait for the
@@ -28,8 +31,11 @@ one at a time.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -47,6 +53,13 @@ from joblet.store.metricfiles import MetricsWriter, delete_job_metrics, metrics_
 
 #: Longest the final write on shutdown (cancellation of :meth:`DiskWriter.run`) may take.
 FINAL_FLUSH_TIMEOUT = 30.0
+#: While the disk is full, the delay before the first retry; it doubles up to
+#: :data:`FULL_RETRY_MAX`. The writer retries in place (no restart, no traceback per attempt),
+#: and what waits meanwhile is held by the log budget, so jobs block on write.
+FULL_RETRY_MIN = 0.1
+#: The longest delay between retries while the disk is full: how late writing resumes at worst
+#: once space is freed.
+FULL_RETRY_MAX = 2.0
 
 
 class LogWriteError(Exception):
@@ -75,6 +88,9 @@ class _BatchResult:
     written: int = 0
     closed: list[str] = attrs.Factory(list)
     error: BaseException | None = None
+    #: Jobs whose chunks in the batch were not written: their closes, records and deletions
+    #: wait for the retry.
+    held: set[str] = attrs.Factory(set)
     records_saved: bool = False
     deletions_done: bool = False
     delete_errors: dict[str, Exception] = attrs.Factory(dict)
@@ -119,6 +135,8 @@ class DiskWriter:
         self._progress = trio.lowlevel.ParkingLot()
         self._urgent = 0
         self._running = False
+        #: Batches that failed because the disk was full (each one retried later).
+        self.failed_writes = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -150,6 +168,25 @@ class DiskWriter:
         if self._db is None:
             self._db = await trio.to_thread.run_sync(JobDB, self._db_path)
         return await trio.to_thread.run_sync(self._db.load, limiter=self._limiter)
+
+    async def finish_deletions(self) -> list[str]:
+        """Delete the files of jobs whose deletion a crash interrupted (their rows are gone).
+
+        Call once at start-up, after :meth:`open_db`, with :meth:`run` running. Returns the jobs.
+        """
+        if self._db is None:
+            return []
+        job_ids = await trio.to_thread.run_sync(self._db.deleting, limiter=self._limiter)
+        for job_id in job_ids:
+            try:
+                await self._delete(job_id, logs=True, metrics=True)
+            except DeleteError as e:
+                logfmt.error(
+                    "files of a deleted job could not be deleted",
+                    jobId=job_id,
+                    error=str(e.__cause__),
+                )
+        return job_ids
 
     def submit_job(self, info: JobInfo) -> trio.Event:
         """Queue a job's metadata for the database; the event is set once it is written.
@@ -267,7 +304,8 @@ class DiskWriter:
         Reports ``started`` once the logs directory exists.
 
         Raises:
-            LogWriteError: A batch could not be written (it stays queued for the next run).
+            LogWriteError: A batch could not be written, for another reason than a full disk
+                (it stays queued for the next run).
             RuntimeError: The actor is already running.
         """
         if self._running:
@@ -279,9 +317,7 @@ class DiskWriter:
             )
             task_status.started()
             try:
-                while True:
-                    await self._wait_for_batch()
-                    await self._write_batch()
+                await self._write_batches()
             except trio.Cancelled:
                 await self._final_flush()
                 raise
@@ -289,6 +325,34 @@ class DiskWriter:
             self._running = False
 
     # --- internals -----------------------------------------------------------------------------
+
+    async def _write_batches(self) -> None:
+        """Write each batch when due; a full disk is retried here, other failures raise."""
+        backoff = 0.0
+        while True:
+            if backoff:
+                # Not woken by new work: every chunk would otherwise be a retry.
+                await trio.sleep(backoff)
+            else:
+                await self._wait_for_batch()
+            try:
+                await self._write_batch()
+            except LogWriteError as e:
+                if not is_disk_full(e.__cause__):
+                    raise
+                self.failed_writes += 1
+                if not backoff:
+                    logfmt.error(
+                        "state filesystem full: job output and records wait in memory, "
+                        "jobs block on write",
+                        error=f"{e}: {e.__cause__}",
+                        retry=f"every {FULL_RETRY_MAX}s at most",
+                    )
+                backoff = min(max(backoff * 2, FULL_RETRY_MIN), FULL_RETRY_MAX)
+                continue
+            if backoff:
+                logfmt.info("state filesystem writable again: writes resumed")
+                backoff = 0.0
 
     async def _wait_for_batch(self) -> None:
         queue = self._queue
@@ -340,14 +404,19 @@ class DiskWriter:
         for item in batch.logs[: result.written]:
             item.log.mark_written(item.end)
         queue.closed(result.closed)
+        now = trio.current_time()
+        records, held_records = _split(batch.records, result.held)
         if result.records_saved:
-            _tell(batch.records)
+            _tell(records)
         else:
-            queue.requeue_records(batch.records, trio.current_time())
+            queue.requeue_records(records, now)
+        queue.requeue_records(held_records, now)
+        deletions, held_deletions = _split(batch.deletions, result.held)
         if result.deletions_done:
-            _tell(batch.deletions, result.delete_errors)
+            _tell(deletions, result.delete_errors)
         else:
-            queue.requeue_deletions(batch.deletions, trio.current_time())
+            queue.requeue_deletions(deletions, now)
+        queue.requeue_deletions(held_deletions, now)
         self._progress.unpark_all()
         if result.error is not None:
             queue.requeue(batch.logs[result.written :], trio.current_time())
@@ -405,11 +474,13 @@ class DiskWriter:
             delete_job_metrics(self._metrics_dir, job_id)
 
     def _write_sync(self, batch: _Batch) -> _BatchResult:
-        """Write a batch (in the worker thread); stops at the first job that fails.
+        """Write a batch (in the worker thread); log chunks stop at the first job that fails.
 
         Log chunks first, then the job records, so a record never gets ahead of its log; then the
-        deletions, so files go only after their job's row (a crash in between leaves files
-        without a row, which retention ages out, never a row whose log is gone).
+        deletions, so files go only after their job's row (a crash in between leaves the note
+        that recovery finishes, never a row whose log is gone). A job whose chunks were not
+        written keeps its close, record and deletion for the retry; the other jobs' go on, so
+        that deleting jobs frees space while another job's output cannot be written.
         """
         result = _BatchResult()
         for item in batch.logs:
@@ -421,9 +492,12 @@ class DiskWriter:
                 writer.append(item.chunks)
             except Exception as e:
                 result.error = e
-                return result
+                break
             result.written += 1
+        held = result.held = {item.job_id for item in batch.logs[result.written :]}
         for job_id in batch.closing:
+            if job_id in held:
+                continue
             writer = self._writers.pop(job_id, None)
             if writer is not None:
                 try:
@@ -431,7 +505,7 @@ class DiskWriter:
                 except OSError as e:
                     logfmt.error("log files could not be synced", jobId=job_id, error=str(e))
             result.closed.append(job_id)
-        records = batch.records
+        records = {j: r for j, r in batch.records.items() if j not in held}
         if records and self._db is not None:
             try:
                 saves = [r.info for r in records.values() if r.info is not None]
@@ -439,18 +513,59 @@ class DiskWriter:
                     self._db.save(saves)
                 deletes = [j for j, r in records.items() if r.info is None]
                 if deletes:
-                    self._db.delete(deletes)
+                    # A job deleted whole is noted with its row: a crash before its files are
+                    # gone leaves the note, and the next start finishes the deletion.
+                    whole = [j for j in deletes if _whole(batch.deletions.get(j))]
+                    self._db.delete(deletes, files_of=whole)
             except Exception as e:
-                result.error = e
+                if result.error is None:
+                    result.error = e
                 return result
         result.records_saved = True
         for job_id, deletion in batch.deletions.items():
+            if job_id in held:
+                continue
             try:
                 self._delete_files(job_id, deletion)
             except (OSError, ValueError) as e:
                 result.delete_errors[job_id] = e
         result.deletions_done = True
+        gone = [
+            j
+            for j, d in batch.deletions.items()
+            if _whole(d) and j not in held and j not in result.delete_errors
+        ]
+        if gone and self._db is not None:
+            try:
+                self._db.files_deleted(gone)
+            except Exception as e:  # the notes stay: the next start deletes nothing again
+                logfmt.warn("deletion notes could not be dropped", error=str(e))
         return result
+
+
+_V = TypeVar("_V")
+
+
+def _split(items: dict[str, _V], held: set[str]) -> tuple[dict[str, _V], dict[str, _V]]:
+    """``items`` of the jobs not held, and of those held."""
+    return (
+        {j: v for j, v in items.items() if j not in held},
+        {j: v for j, v in items.items() if j in held},
+    )
+
+
+def _whole(deletion: Deletion[_Done] | None) -> bool:
+    """Whether a deletion removes all of a job's files (a deleted job's, not retention's)."""
+    return deletion is not None and deletion.logs and deletion.metrics
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` says the filesystem is full (ENOSPC, EDQUOT, or SQLite's "full")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
 
 
 def _tell(

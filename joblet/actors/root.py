@@ -224,7 +224,8 @@ async def recover(ctx: NodeServices, past: list[JobInfo]) -> list[JobInfo]:
     ``restart`` (exit code -1, :data:`~joblet.core.lifecycle.RESTART_REASON`); every process
     left in a job group under the cgroup parent (which this node holds locked) is killed and the
     groups are removed (also groups of jobs the database never heard of); leftover job
-    directories are deleted. Needs the disk writer running (the records are saved).
+    directories are deleted; the files of jobs deleted when the daemon died are deleted. Needs
+    the disk writer running (the records are saved).
     """
     now = time.time()
     fixed: list[JobInfo] = []
@@ -241,6 +242,8 @@ async def recover(ctx: NodeServices, past: list[JobInfo]) -> list[JobInfo]:
         ctx.sandboxes.driver, {i.id for i in past}, ctx.config.joblet.cleanup_timeout
     )
     await trio.to_thread.run_sync(_remove_children, ctx.sandboxes.jobs_dir)
+    for job_id in await ctx.disk_writer.finish_deletions():
+        logfmt.warn("deletion of a job finished after the daemon stopped", jobId=job_id)
     # Submitted together, they are written in one batch.
     for saved in [ctx.disk_writer.submit_job(info) for info in fixed]:
         await saved.wait()

@@ -41,6 +41,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
+#: Jobs whose row is deleted and whose files may not be yet: the row goes in the same transaction
+#: as its id comes here, and the id leaves once the files are gone, so a crash in between leaves
+#: a note to finish the deletion at the next start (never files without a row and no note).
+_DELETING_SCHEMA = "CREATE TABLE IF NOT EXISTS deleting (id TEXT PRIMARY KEY)"
+
 _UPSERT = """
 INSERT INTO jobs (id, status, start_time, end_time, exit_code, reason, node_id, spec)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -104,6 +109,7 @@ class JobDB:
                     f"this joblet knows version {SCHEMA_VERSION}"
                 )
             self._db.execute(_SCHEMA)
+            self._db.execute(_DELETING_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             raise JobDBError(f"job database {path} cannot be opened: {e}") from e
@@ -126,11 +132,31 @@ class JobDB:
         with self._lock, self._transaction():
             self._db.executemany(_UPSERT, rows)
 
-    def delete(self, job_ids: Iterable[str]) -> None:
-        """Remove these jobs (missing ids are not an error), in one transaction."""
+    def delete(self, job_ids: Iterable[str], *, files_of: Iterable[str] = ()) -> None:
+        """Remove these jobs (missing ids are not an error), in one transaction.
+
+        Args:
+            job_ids: The jobs whose rows go.
+            files_of: Jobs whose files are deleted next: noted in the same transaction (see
+                :meth:`deleting`) until :meth:`files_deleted` says they are gone.
+        """
         ids = [(j,) for j in job_ids]
+        notes = [(j,) for j in files_of]
         with self._lock, self._transaction():
             self._db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            self._db.executemany("INSERT OR IGNORE INTO deleting (id) VALUES (?)", notes)
+
+    def deleting(self) -> list[str]:
+        """Jobs whose rows were deleted and whose files may still be there (a crash came
+        between)."""
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT id FROM deleting ORDER BY id")]
+
+    def files_deleted(self, job_ids: Iterable[str]) -> None:
+        """These jobs' files are gone: drop their notes (see :meth:`delete`)."""
+        ids = [(j,) for j in job_ids]
+        with self._lock, self._transaction():
+            self._db.executemany("DELETE FROM deleting WHERE id = ?", ids)
 
     def load(self) -> list[JobInfo]:
         """Every job, in the order they were first saved.
