@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import attrs
 from hypothesis import HealthCheck, settings
@@ -136,6 +137,10 @@ class RpcStats:
 STATS: dict[str, RpcStats] = {}
 
 
+#: Logs of daemons whose fuzzing failed, kept for the summary.
+KEPT_LOGS: list[Path] = []
+
+
 def stats_for(rpc: str) -> RpcStats:
     """The stats of one RPC (created on first use)."""
     return STATS.setdefault(rpc, RpcStats())
@@ -167,4 +172,5 @@ def summary_lines() -> list[str]:
         f"{'total':<42} {total.sent:>6} {total.raw:>5} {total.client_rejected:>5}"
         f" {total.skipped:>5} {total.seconds:>7.1f}"
     )
+    lines += [f"daemon log kept: {path}" for path in KEPT_LOGS]
     return lines

@@ -26,8 +26,10 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -127,8 +129,9 @@ def _tls(daemon: Daemon, role: str) -> grpc.ChannelCredentials:
 
 
 @pytest.fixture(scope="module")
-def fuzzed() -> Iterator[Fuzzed]:
+def fuzzed(request: pytest.FixtureRequest) -> Iterator[Fuzzed]:
     require_root()
+    failed_before = request.session.testsfailed
     persist_port = free_port()
     persist = {
         "server": {"tcp_address": "127.0.0.1", "tcp_port": persist_port, "tls": {"enabled": True}}
@@ -153,6 +156,12 @@ def fuzzed() -> Iterator[Fuzzed]:
         finally:
             for target in targets.values():
                 target.channel.close()
+            if request.session.testsfailed > failed_before:
+                # The daemon's directory goes with it: keep its log for the failures' causes
+                # (outside pytest's temporary directories, which later sessions prune).
+                kept = Path(tempfile.mkdtemp(prefix="joblet-fuzz-")) / "daemon.log"
+                shutil.copyfile(daemon.log_path, kept)
+                fuzzing.KEPT_LOGS.append(kept)
 
 
 def _seed_jobs(state: Fuzzed) -> None:
