@@ -81,7 +81,8 @@ def fuzz_settings(scale: int = 1) -> settings:
     """Hypothesis settings of the profile (``scale`` times its examples).
 
     No deadline (a live daemon's latency is not the property under test), no example database
-    (replay goes by the seed), and no shrinking phase past a few steps: each step is a real call.
+    (replay goes by the seed), one failure reported per test (the first: shrinking a second one
+    costs real calls too).
     """
     return settings(
         max_examples=PROFILE.examples * scale,
