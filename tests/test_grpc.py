@@ -59,7 +59,7 @@ from joblet.core.samples import MetricsSample
 from joblet.protocol import joblet_grpc
 from joblet.protocol import joblet_pb2 as pb
 from joblet.protocol import joblet_pb2_grpc as pb_grpc
-from joblet.rpc import auth, tls
+from joblet.rpc import auth, errors, tls
 from joblet.rpc.listeners import open_listener, open_unix_listener
 from joblet.rpc.server import GrpcServer
 from joblet.rpc.service import MAX_CHUNK, JobService
@@ -627,6 +627,30 @@ def test_unknown_and_malformed_job_ids(admin: Any, viewer: Any) -> None:
     res = run(admin, "true")
     err = rpc_error(lambda: admin.GetJobLogs(pb.GetJobLogsReq(id=res.id, offset=-1), timeout=T))
     assert_status(err, Code.INVALID_ARGUMENT, "invalid offset: must not be negative (got -1)")
+
+
+@pytest.mark.slow
+def test_an_error_quoting_a_huge_request_is_cut_and_the_connection_lives_on(admin: Any) -> None:
+    """Found by fuzzing: "job not found: <the id>" with a 500 KB id was a trailer no client
+    accepts (grpcio: RESOURCE_EXHAUSTED from 4 KB on); at 500 KB the connection stalled."""
+    for ref in ("😀" * 131_000, "x" * 10_000):
+        err = rpc_error(partial(admin.GetJobStatus, pb.GetJobStatusReq(id=ref), timeout=T))
+        assert err.code() == Code.NOT_FOUND, (err.code(), err.details()[:200])
+        details = err.details()
+        assert details.startswith(f"job not found: {ref[:100]}")
+        assert details.endswith(f"... ({len(ref.encode()) + 15} bytes in all)")
+        assert len(details.encode()) <= 1024
+        admin.ListJobs(pb.EmptyRequest(), timeout=T)
+
+
+def test_status_messages_are_cut_between_characters() -> None:
+    assert errors.bounded_message("short") == "short"
+    assert errors.bounded_message("x" * 1024) == "x" * 1024
+    cut = errors.bounded_message("é" * 1000, limit=100)  # 2 bytes each
+    assert cut == "é" * 38 + "... (2000 bytes in all)"  # 76 bytes + 23: no half character
+    status = errors.status_for(JobNotFound("😀" * 1000), "GetJobStatus")
+    assert status.status_message.startswith("job not found: 😀😀")
+    assert len(status.status_message.encode()) <= errors.MAX_STATUS_MESSAGE
 
 
 @pytest.mark.slow

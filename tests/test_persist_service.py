@@ -234,6 +234,19 @@ async def test_unknown_job_is_not_found(tmp_path: Path) -> None:
                     assert (code, details) == (Code.NOT_FOUND, f"job not found: {ref}")
 
 
+async def test_an_id_longer_than_a_file_name_is_not_found(tmp_path: Path) -> None:
+    """Found by fuzzing: such an id was joined to the logs directory and stat() failed with
+    ENAMETOOLONG (INTERNAL)."""
+    write_log(tmp_path, JOB, SAMPLE_LOG[:1])
+    with trio.fail_after(30):
+        async with serving(tmp_path) as served:
+            for method in ("QueryLogs", "QueryMetrics"):
+                for ref in ("x" * 256, JOB + "0" * 4096):
+                    code, details = await error(served.unix, method, job_id=ref)
+                    assert code == Code.NOT_FOUND, details
+                    assert details.startswith(f"job not found: {ref[:40]}"), details
+
+
 async def test_a_job_the_engine_knows_without_files_has_no_lines(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with serving(tmp_path, known=lambda: [JOB]) as served:

@@ -34,6 +34,24 @@ def test_limits_are_checked_against_the_given_host(request_: RunRequest, message
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(
+    ("cpus", "message"),
+    [
+        ("0-4294967296", "names CPUs no host has (above 8191)"),
+        ("8192", "names CPUs no host has (above 8191)"),
+        ("1" * 5000 + "-0", "names CPUs no host has (above 8191)"),
+        ("0-1," * 4097, "names more than 8192 CPUs"),
+        ("0-8191,0", "names more than 8192 CPUs"),
+    ],
+)
+def test_cpu_lists_are_counted_before_they_are_expanded(cpus: str, message: str) -> None:
+    """Found by fuzzing: "0-4294967296" became a set of four billion ints (the daemon hung and
+    was killed), and a 5000-digit number failed int() (INTERNAL)."""
+    with pytest.raises(InvalidRequest) as info:
+        build_spec(RunRequest(command="x", cpu_cores=cpus), defaults=Limits(), host=SMALL)
+    assert str(info.value) == f"invalid cpuCores: {cpus!r} {message}"
+
+
 def test_what_the_host_has_is_accepted_and_defaults_fill_the_rest() -> None:
     request = RunRequest(command="x", args=("a",), max_memory=1024, max_cpu=200, cpu_cores="0-1")
     spec = build_spec(request, defaults=Limits(io_bps=5, pids_max=9), host=SMALL)

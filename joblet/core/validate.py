@@ -23,6 +23,11 @@ MAX_ARGS = 8192
 #: Linux refuses an exec whose argv+envp exceed roughly this (ARG_MAX with an 8 MiB stack).
 MAX_TOTAL_ARGS_BYTES = 1 << 20
 NETWORK_MODES = ("host", "none")
+#: CPUs a Linux host can have at most (NR_CPUS is at most 8192): a cpuCores list naming more, or a
+#: higher CPU number, is refused before it is expanded.
+MAX_CPUS = 8192
+#: A number or a range of a CPU list (the syntax itself is checked by parse_cpu_list).
+_CPU_SPAN = re.compile(r"(\d+)(?:-(\d+))?", re.ASCII)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -45,12 +50,33 @@ def _text(field: str, value: str) -> str:
     return value
 
 
+def _cpu_number(digits: str) -> int:
+    """A CPU number's value, or MAX_CPUS for any longer one (int() of thousands of digits is
+    slow, and refused past 4300)."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= len(str(MAX_CPUS)) else MAX_CPUS
+
+
 def parse_cpuset(spec: str) -> set[int]:
     """Parse a cpuset list such as ``"0-2,4"``.
 
+    The CPUs it names are counted before they are listed: a client's ``"0-4294967296"`` is
+    refused, not expanded into four billion numbers.
+
     Raises:
-        InvalidRequest: The syntax is wrong.
+        InvalidRequest: The syntax is wrong, or it names CPUs no host has.
     """
+    total = 0
+    for span in _CPU_SPAN.finditer(spec):
+        first = _cpu_number(span.group(1))
+        last = _cpu_number(span.group(2) or span.group(1))
+        if max(first, last) >= MAX_CPUS:
+            raise InvalidRequest(
+                f"invalid cpuCores: {spec!r} names CPUs no host has (above {MAX_CPUS - 1})"
+            )
+        total += max(0, last - first + 1)
+        if total > MAX_CPUS:
+            raise InvalidRequest(f"invalid cpuCores: {spec!r} names more than {MAX_CPUS} CPUs")
     try:
         return parse_cpu_list(spec)
     except CpuListError as e:

@@ -4,6 +4,9 @@
 errors (:mod:`joblet.core.errors`) keep their message, which follows the spec's wording; anything
 else is a bug or an unexpected system error: it is logged with its traceback and the client gets
 INTERNAL with a reference to the log line, never the traceback itself.
+
+A message is at most :data:`MAX_STATUS_MESSAGE` bytes: many quote what the client sent ("job not
+found: <id>"), and a client may send half a megabyte.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from joblet.core.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+
+#: Longest status message sent, in UTF-8 bytes (longer ones are cut, saying so). It travels
+#: percent-encoded in a trailer, up to three characters a byte, and clients refuse metadata of a
+#: few KiB (grpcio: 8 KiB by default), so a longer one would leave the client without an answer.
+MAX_STATUS_MESSAGE = 1024
 
 
 class Unimplemented(JobletError):
@@ -83,7 +91,7 @@ def status_for(exc: Exception, method: str) -> Status:
     if isinstance(exc, JobletError):
         # Our own error, even one without a more specific code (StartFailed: INTERNAL), carries
         # a message meant for the client.
-        return Status(code, status_message=str(exc))
+        return Status(code, status_message=bounded_message(str(exc)))
     ref = secrets.token_hex(4)
     logfmt.error(
         "request failed with an internal error",
@@ -93,3 +101,12 @@ def status_for(exc: Exception, method: str) -> Status:
         exc_info=True,
     )
     return Status(StatusCode.INTERNAL, status_message=f"internal error (server log ref={ref})")
+
+
+def bounded_message(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes (between characters), ending with its full size."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return text
+    suffix = f"... ({len(data)} bytes in all)"
+    return data[: max(0, limit - len(suffix))].decode("utf-8", "ignore") + suffix

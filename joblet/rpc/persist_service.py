@@ -62,6 +62,8 @@ _STEPS_PER_CALL = 16
 #: Room left in a message for framing a line's piece (entry tag, lengths, timestamp, stream).
 _ENTRY_OVERHEAD = 64
 _NS = 1_000_000_000
+#: Longest file name (Linux NAME_MAX, bytes; a job id is ASCII).
+_NAME_MAX = 255
 
 
 class PersistService:
@@ -168,9 +170,14 @@ class PersistService:
 
     def _resolve_sync(self, ref: str, known: set[str]) -> str:
         # A whole id whose directory exists needs no listing of the directories (and only a
-        # job id may be joined to them as a path).
+        # job id that fits a file name may be joined to them as a path: a longer one is no
+        # directory's, and stat() refuses it with ENAMETOOLONG).
         if is_job_id(ref) and (
-            ref in known or (self._logs_dir / ref).is_dir() or (self._metrics_dir / ref).is_dir()
+            ref in known
+            or (
+                len(ref) <= _NAME_MAX
+                and ((self._logs_dir / ref).is_dir() or (self._metrics_dir / ref).is_dir())
+            )
         ):
             return ref
         candidates = known | _entries(self._logs_dir) | _entries(self._metrics_dir)
