@@ -85,6 +85,13 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# The seccomp installer, imported while a pooled stage 1 still waits for its job (not on the
+# start's clock, and before the chroot, outside of which this directory lies).
+if TYPE_CHECKING or __package__:
+    from joblet.sys import _filter  # imported as part of the package (tests, type checks)
+else:
+    import _filter  # stage 1 itself: a top-level module, this directory on sys.path
+
 
 class SetupError(Exception):
     """A start step failed; the message goes to the daemon."""
@@ -418,11 +425,6 @@ def main() -> None:
         build_root(spec)
         command = resolve_command(spec["root"], spec["command"], JOB_PATH)
         bpf = spec["seccomp"]
-        if bpf:  # imported before the chroot: this directory is outside the job's root
-            if TYPE_CHECKING:
-                from joblet.sys import _filter
-            else:
-                import _filter
         _check(_libc.chroot(spec["root"].encode()), "chroot")
         os.chdir("/work")
         set_rlimits(spec["rlimits"])
