@@ -57,6 +57,14 @@ async def wait_for_line(joblet: Harness, job_id: str, wanted: str) -> None:
     raise AssertionError(f"job {job_id} ended before printing {wanted!r}: {got!r}")
 
 
+def attempts_script(attempts: dict[str, str]) -> str:
+    """A shell script that tries each attempt and prints ``<name> ok`` or ``<name> denied``."""
+    return "; ".join(
+        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
+        for k, a in attempts.items()
+    )
+
+
 def children(pid: int) -> list[int]:
     """The children of a host process."""
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -155,10 +163,7 @@ async def test_proc_sys_sysrq_and_kcore_are_denied(joblet: Harness) -> None:
         "kmsg": "head -c 1 /proc/kmsg > /dev/null",
         "mem": "head -c 1 /dev/mem > /dev/null",
     }
-    script = "; ".join(
-        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
-        for k, a in attempts.items()
-    )
+    script = attempts_script(attempts)
     _, out, _ = await run_sh(joblet, script)
     assert out.split("\n")[:-1] == [f"{k} denied" for k in attempts], out
 
@@ -171,10 +176,7 @@ async def test_mount_and_mknod_fail(joblet: Harness) -> None:
         "mknod-char": "mknod /tmp/null c 1 3",
         "mknod-block": "mknod /work/sda b 8 0",
     }
-    script = "; ".join(
-        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
-        for k, a in attempts.items()
-    )
+    script = attempts_script(attempts)
     _, out, _ = await run_sh(joblet, script)
     assert out.split("\n")[:-1] == [f"{k} denied" for k in attempts], out
 
@@ -375,10 +377,7 @@ async def test_landlock_confines_a_root_jobs_writes_to_its_own_paths(
         "shm": "echo x > /dev/shm/x",
         "devnull": "echo x > /dev/null",
     }
-    script = "; ".join(
-        f"if {{ {a}; }} 2>/dev/null; then echo {k} ok; else echo {k} denied; fi"
-        for k, a in attempts.items()
-    )
+    script = attempts_script(attempts)
     async with open_harness(make_config(isolation=iso)) as joblet:
         final, out, err = await run_sh(joblet, script)
         assert joblet.engine.get(final.id).spec.landlock == (landlock_abi() if landlock else 0)
