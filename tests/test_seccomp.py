@@ -217,15 +217,20 @@ def default() -> SeccompProfile:
     return load_profile("default")
 
 
-@pytest.fixture(scope="module")
-def marked_default() -> SeccompProfile:
-    """The default profile with every EPERM replaced by :data:`MARKER_ERRNO`."""
-    document = json.loads(seccomp.DEFAULT_PROFILE_PATH.read_text())
+def marked_default_document() -> dict[str, Any]:
+    """The default profile's document with every EPERM replaced by :data:`MARKER_ERRNO`."""
+    document: dict[str, Any] = json.loads(seccomp.DEFAULT_PROFILE_PATH.read_text())
     document["defaultErrnoRet"] = MARKER_ERRNO
     for rule in document["syscalls"]:
         if rule.get("errnoRet") == EPERM:
             rule["errnoRet"] = MARKER_ERRNO
-    return compile_profile(document, name="marked")
+    return document
+
+
+@pytest.fixture(scope="module")
+def marked_default() -> SeccompProfile:
+    """The default profile with every EPERM replaced by :data:`MARKER_ERRNO`."""
+    return compile_profile(marked_default_document(), name="marked")
 
 
 # -- a classic BPF interpreter, to read a program's verdict for every system call ----------------

@@ -17,12 +17,18 @@ import pytest
 
 from joblet.config import IsolationSection
 from joblet.core.model import JobStatus
-from joblet.sys import seccomp
 from joblet.testing import open_harness
 from tests.conftest import make_config
 from tests.daemon import free_port
 from tests.security.test_containment import run
-from tests.test_seccomp import ALSO_DENIED, DENIED, EPERM, MARKER_ERRNO, nr
+from tests.test_seccomp import (
+    ALSO_DENIED,
+    DENIED,
+    EPERM,
+    MARKER_ERRNO,
+    marked_default_document,
+    nr,
+)
 
 ENOSYS = 38
 CLONE_NEWUSER = 0x10000000
@@ -94,13 +100,8 @@ async def test_it_is_the_filter_that_denies_them(root: None, tmp_path: Path) -> 
     # The default profile with a marker errno no kernel path returns, installed from a file
     # (isolation.seccomp as a path): every denied call fails with the marker, so it is the
     # filter, not a missing privilege, that refuses them.
-    document = json.loads(seccomp.DEFAULT_PROFILE_PATH.read_text())
-    document["defaultErrnoRet"] = MARKER_ERRNO
-    for rule in document["syscalls"]:
-        if rule.get("errnoRet") == EPERM:
-            rule["errnoRet"] = MARKER_ERRNO
     path = tmp_path / "marked.json"
-    path.write_text(json.dumps(document))
+    path.write_text(json.dumps(marked_default_document()))
     got, profile = await probe(IsolationSection(seccomp=str(path)))
     assert profile == str(path)
     denied = {k: v for k, v in got.items() if k in DENIED or k in ALSO_DENIED}
